@@ -1,0 +1,335 @@
+//! The command-line edge: clap subcommands, settings loading, and the mapping of errors to
+//! one-line messages and exit codes (2 for bad configuration, 1 for everything else).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{redact_url, ConfigError, Settings, SettingsArgs};
+use crate::generate::{self, GenerateOptions, TrafficKind};
+use crate::kafka::admin::{topic_rows, Admin};
+use crate::produce::{self, ProduceOptions};
+use crate::{shutdown, telemetry, topics};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "eventpipe",
+    version,
+    about = "Kafka-native stream processing pipeline"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Route envelopes by action through the handler registry (issue #3).
+    Dispatch,
+    /// Ship info_in to Elasticsearch (issue #4).
+    Log,
+    /// Windowed aggregation to Kafka or PostgreSQL (issue #5).
+    Aggregate,
+    /// Create and inspect the topics defined under topics/.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Send envelopes from JSON lines (a file or stdin) with service/action headers and a key.
+    Produce {
+        #[arg(long)]
+        topic: String,
+        /// JSON lines file; stdin if absent or `-`.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// JSON pointer to the field used as the record key.
+        #[arg(long, default_value = "/payload/data/user_id")]
+        key_field: String,
+        /// Send lines unchecked (to exercise dead-letter handling).
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Produce synthetic traffic at a given rate and count.
+    Generate {
+        #[arg(long, value_enum, default_value = "envelopes")]
+        kind: TrafficKind,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Records per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Send everything to this topic instead of the default per kind/action.
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Distinct user ids (record keys) for envelopes.
+        #[arg(long, default_value_t = 1000)]
+        users: u64,
+        /// Distinct series names for aggregator events.
+        #[arg(long, default_value_t = 100)]
+        series: u64,
+    },
+    /// Check that Kafka, Elasticsearch, the schema registry and PostgreSQL answer.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create missing topics, grow partitions, set configs; never deletes. Idempotent.
+    Apply {
+        #[arg(
+            long,
+            default_value = "topics/topics.toml",
+            env = "EVENTPIPE_TOPICS_FILE"
+        )]
+        file: PathBuf,
+        /// Print the plan without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show topics with partitions and replication (no lag: see the stages' metrics for that).
+    List {
+        #[arg(
+            long,
+            default_value = "topics/topics.toml",
+            env = "EVENTPIPE_TOPICS_FILE"
+        )]
+        file: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses arguments, runs the command and turns any error into one line on stderr.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.settings) {
+        Ok(settings) => settings,
+        Err(error) => return report(&anyhow::Error::new(error)),
+    };
+    telemetry::init_tracing(&settings.telemetry);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return report(&anyhow::Error::new(error).context("starting the runtime")),
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(&error),
+    }
+}
+
+fn report(error: &anyhow::Error) -> ExitCode {
+    // `{:#}` joins the context chain on one line: no backtrace for a user's mistake.
+    eprintln!("error: {error:#}");
+    let config_error = error.chain().any(|e| {
+        e.downcast_ref::<ConfigError>().is_some()
+            || matches!(
+                e.downcast_ref::<crate::kafka::KafkaError>(),
+                Some(crate::kafka::KafkaError::Config(_))
+            )
+    });
+    ExitCode::from(if config_error { 2 } else { 1 })
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Dispatch | Command::Log | Command::Aggregate => {
+            anyhow::bail!("this stage is not built yet; see the open issues (#3 dispatch, #4 log, #5 aggregate)")
+        }
+        Command::Topics { command } => run_topics(command, &settings).await,
+        Command::Produce {
+            topic,
+            input,
+            key_field,
+            raw,
+        } => {
+            let started = Instant::now();
+            let count = produce::run(
+                &settings.kafka,
+                ProduceOptions {
+                    topic: topic.clone(),
+                    input,
+                    key_pointer: key_field,
+                    raw,
+                },
+            )
+            .await?;
+            println!(
+                "produced {count} records to {topic} in {:.2}s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Generate {
+            kind,
+            count,
+            rate,
+            topic,
+            seed,
+            users,
+            series,
+        } => {
+            let shutdown = shutdown::install_signal_handlers();
+            let started = Instant::now();
+            let delivered = generate::run(
+                &settings.kafka,
+                GenerateOptions {
+                    kind,
+                    count,
+                    rate,
+                    seed,
+                    users,
+                    series,
+                    topic,
+                },
+                shutdown,
+            )
+            .await?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "generated {delivered} records in {seconds:.2}s ({:.0}/s)",
+                delivered as f64 / seconds.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Check => check(&settings).await,
+    }
+}
+
+async fn run_topics(command: TopicsCommand, settings: &Settings) -> anyhow::Result<()> {
+    match command {
+        TopicsCommand::Apply { file, dry_run } => {
+            let specs = topics::load(&file)?;
+            let admin = Admin::connect(&settings.kafka)?;
+            let (mut changed, mut failed) = (0, 0);
+            if dry_run {
+                let existing = admin.existing(&specs).await?;
+                for change in topics::plan(&specs, &existing) {
+                    println!("{change}");
+                }
+                return Ok(());
+            }
+            for applied in admin.apply(&specs).await? {
+                match &applied.error {
+                    Some(error) => {
+                        failed += 1;
+                        println!("FAILED  {}: {error}", applied.change);
+                    }
+                    None => {
+                        if !matches!(
+                            applied.change,
+                            topics::TopicChange::Unchanged { .. }
+                                | topics::TopicChange::Drift { .. }
+                        ) {
+                            changed += 1;
+                        }
+                        println!("{}", applied.change);
+                    }
+                }
+            }
+            println!(
+                "{} topics defined, {changed} changes applied, {failed} failed",
+                specs.len()
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} topic changes failed");
+            }
+            Ok(())
+        }
+        TopicsCommand::List { file, json } => {
+            // The definitions only mark which topics are ours; a missing file is not an error.
+            let specs = topics::load(&file).unwrap_or_default();
+            let admin = Admin::connect(&settings.kafka)?;
+            let rows = topic_rows(&admin.metadata()?, &specs);
+            if json {
+                for row in rows {
+                    println!("{}", serde_json::to_string(&row)?);
+                }
+            } else {
+                println!(
+                    "{:<32} {:>10} {:>11} {:>16} {:>8}",
+                    "TOPIC", "PARTITIONS", "REPLICATION", "UNDER-REPLICATED", "DEFINED"
+                );
+                for row in rows {
+                    println!(
+                        "{:<32} {:>10} {:>11} {:>16} {:>8}",
+                        row.name,
+                        row.partitions,
+                        row.replication_factor,
+                        row.under_replicated,
+                        if row.defined { "yes" } else { "no" }
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Probes each dependency with a bounded wait and prints one line per dependency.
+async fn check(settings: &Settings) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    let kafka = Admin::connect(&settings.kafka).and_then(|admin| admin.metadata());
+    match kafka {
+        Ok(metadata) => println!(
+            "ok      kafka {} ({} brokers, {} topics)",
+            settings.kafka.bootstrap_servers,
+            metadata.brokers().len(),
+            metadata.topics().len()
+        ),
+        Err(error) => failures.push(format!("kafka: {error}")),
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")?;
+    for (name, url) in [
+        ("elasticsearch", settings.elasticsearch_url.clone()),
+        (
+            "schema-registry",
+            settings.schema_registry_url.join("subjects")?,
+        ),
+    ] {
+        match http
+            .get(url.clone())
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+        {
+            Ok(response) => println!("ok      {name} {url} (HTTP {})", response.status().as_u16()),
+            Err(error) => failures.push(format!("{name} {url}: {error}")),
+        }
+    }
+    let postgres = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut connection =
+            <sqlx::PgConnection as sqlx::Connection>::connect(settings.postgres_url.as_str())
+                .await?;
+        sqlx::query_scalar::<_, String>("SELECT version()")
+            .fetch_one(&mut connection)
+            .await
+    })
+    .await;
+    let shown = redact_url(settings.postgres_url.as_str());
+    match postgres {
+        Ok(Ok(version)) => println!(
+            "ok      postgres {shown} ({})",
+            version.split(',').next().unwrap_or(&version)
+        ),
+        Ok(Err(error)) => failures.push(format!("postgres {shown}: {error}")),
+        Err(_) => failures.push(format!("postgres {shown}: no answer within 5s")),
+    }
+    for failure in &failures {
+        println!("FAILED  {failure}");
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{} of 4 dependencies unreachable", failures.len());
+    }
+    Ok(())
+}

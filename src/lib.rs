@@ -1,0 +1,12 @@
+//! eventpipe: a Kafka-native stream processing pipeline (dispatch, log, aggregate).
+//! Module map, one line each — start reading at `cli` for the commands and `config` for settings.
+
+pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
+pub mod config; // typed settings: flags > environment > config file > defaults
+pub mod envelope; // the services' JSON envelope and its validation
+pub mod generate; // synthetic traffic: service envelopes and aggregator events
+pub mod kafka; // librdkafka client configuration, admin helpers, delivery
+pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
+pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
+pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint
+pub mod topics; // topic definitions under topics/ and the plan that applies them

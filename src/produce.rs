@@ -1,0 +1,190 @@
+//! `eventpipe produce`: sends JSON lines (a file or stdin) to a topic, each envelope validated,
+//! with `service`/`action` headers and a key taken from the envelope, as services should send.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::Value;
+
+use crate::config::KafkaSettings;
+use crate::envelope::Envelope;
+use crate::kafka::client::{create_client, require_topics, wait_for_broker};
+use crate::kafka::delivery::BoundedSender;
+use crate::kafka::{ClientKind, KafkaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("{source_name} line {line}: {reason} (use --raw to send lines unchecked)")]
+    InvalidLine {
+        source_name: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("reading {source_name}: {error}")]
+    Read {
+        source_name: String,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+pub struct ProduceOptions {
+    pub topic: String,
+    /// JSON lines file; stdin when `None` or `-`.
+    pub input: Option<PathBuf>,
+    /// JSON pointer into the envelope whose value becomes the record key.
+    pub key_pointer: String,
+    /// Send each line as it is, without validating it as an envelope (for testing dead letters).
+    pub raw: bool,
+}
+
+/// A record ready to send: key, headers and the bytes of the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedRecord {
+    pub key: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+    pub value: Vec<u8>,
+}
+
+/// Validates one line and derives key and headers; `Ok(None)` for blank lines.
+pub fn prepare_line(
+    line: &str,
+    key_pointer: &str,
+    raw: bool,
+) -> Result<Option<PreparedRecord>, String> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    if raw {
+        let key = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| key_from(&v, key_pointer));
+        return Ok(Some(PreparedRecord {
+            key,
+            headers: Vec::new(),
+            value: line.as_bytes().to_vec(),
+        }));
+    }
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let key = key_from(&value, key_pointer);
+    let envelope = Envelope::from_value(value).map_err(|e| e.to_string())?;
+    Ok(Some(PreparedRecord {
+        key,
+        headers: envelope_headers(&envelope),
+        value: line.trim().as_bytes().to_vec(),
+    }))
+}
+
+/// The headers consumers filter on without parsing the body.
+pub fn envelope_headers(envelope: &Envelope) -> Vec<(&'static str, String)> {
+    vec![
+        ("service", envelope.service.clone()),
+        ("action", envelope.action.clone()),
+    ]
+}
+
+/// The key at `pointer`: strings as they are, numbers and booleans in their JSON spelling.
+pub fn key_from(value: &Value, pointer: &str) -> Option<String> {
+    match value.pointer(pointer)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other @ (Value::Number(_) | Value::Bool(_)) => Some(other.to_string()),
+        _ => None,
+    }
+}
+
+pub fn owned_headers(headers: &[(&'static str, String)]) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
+}
+
+/// Sends every line and waits for Kafka to acknowledge all of them; returns the count.
+pub async fn run(settings: &KafkaSettings, options: ProduceOptions) -> Result<u64, ProduceError> {
+    let context = crate::kafka::PipelineContext::default();
+    let producer: FutureProducer<crate::kafka::PipelineContext> =
+        create_client(settings, ClientKind::Producer, context.clone())?;
+    let metadata = wait_for_broker(producer.client(), &context, settings)?;
+    require_topics(&metadata, &[options.topic.as_str()], settings)?;
+
+    let (source_name, reader): (String, Box<dyn BufRead>) = match &options.input {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = std::fs::File::open(path).map_err(|error| ProduceError::Read {
+                source_name: path.display().to_string(),
+                error,
+            })?;
+            (
+                path.display().to_string(),
+                Box::new(std::io::BufReader::new(file)),
+            )
+        }
+        _ => ("stdin".to_string(), Box::new(std::io::stdin().lock())),
+    };
+
+    let mut sender = BoundedSender::new(&producer, 10_000);
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(|error| ProduceError::Read {
+            source_name: source_name.clone(),
+            error,
+        })?;
+        let prepared =
+            prepare_line(&line, &options.key_pointer, options.raw).map_err(|reason| {
+                ProduceError::InvalidLine {
+                    source_name: source_name.clone(),
+                    line: index + 1,
+                    reason,
+                }
+            })?;
+        let Some(prepared) = prepared else { continue };
+        let mut record = FutureRecord::<[u8], [u8]>::to(&options.topic)
+            .payload(prepared.value.as_slice())
+            .headers(owned_headers(&prepared.headers));
+        if let Some(key) = &prepared.key {
+            record = record.key(key.as_bytes());
+        }
+        sender.send(record).await?;
+    }
+    Ok(sender.finish().await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"{"service":"lk","action":"create_user","payload":{"message":"m","timestamp":"2024-05-01T12:00:00","data":{"user_id":42}}}"#;
+
+    #[test]
+    fn envelope_line_gets_key_and_headers() {
+        let record = prepare_line(LINE, "/payload/data/user_id", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.key.as_deref(), Some("42"));
+        assert_eq!(
+            record.headers,
+            vec![
+                ("service", "lk".to_string()),
+                ("action", "create_user".to_string())
+            ]
+        );
+        assert_eq!(record.value, LINE.as_bytes());
+    }
+
+    #[test]
+    fn invalid_lines_are_refused_unless_raw() {
+        assert!(prepare_line("{\"service\":\"x\"}", "/k", false)
+            .unwrap_err()
+            .contains("missing field `action`"));
+        let raw = prepare_line("not json at all", "/k", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(raw.value, b"not json at all");
+        assert!(raw.key.is_none());
+        assert!(prepare_line("   ", "/k", false).unwrap().is_none());
+    }
+}
