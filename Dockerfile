@@ -37,6 +37,8 @@ COPY topics/ /etc/eventpipe/topics/
 COPY migrations/ /etc/eventpipe/migrations/
 
 USER eventpipe:eventpipe
+# so the default `--file topics/topics.toml` of `eventpipe topics ...` resolves
+WORKDIR /etc/eventpipe
 ENV EVENTPIPE_METRICS_ADDRESS=0.0.0.0:9464
 # Prometheus metrics
 EXPOSE 9464

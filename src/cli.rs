@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::{redact_url, ConfigError, Settings, SettingsArgs};
+use crate::config::{
+    redact_url, ConfigError, DispatchArgs, DispatchSettings, Settings, SettingsArgs,
+};
 use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::kafka::admin::{topic_rows, Admin};
 use crate::produce::{self, ProduceOptions};
@@ -29,8 +31,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Route envelopes by action through the handler registry (issue #3).
-    Dispatch,
+    /// Route envelopes by action through the handler registry, at least once, with dead letters.
+    Dispatch {
+        #[command(flatten)]
+        args: DispatchArgs,
+    },
     /// Ship info_in to Elasticsearch (issue #4).
     Log,
     /// Windowed aggregation to Kafka or PostgreSQL (issue #5).
@@ -140,8 +145,28 @@ fn report(error: &anyhow::Error) -> ExitCode {
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
-        Command::Dispatch | Command::Log | Command::Aggregate => {
-            anyhow::bail!("this stage is not built yet; see the open issues (#3 dispatch, #4 log, #5 aggregate)")
+        Command::Dispatch { args } => {
+            let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
+            let shutdown = shutdown::install_signal_handlers();
+            let readiness = telemetry::Readiness::default();
+            telemetry::serve(
+                settings.telemetry.metrics_address,
+                readiness.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
+            let summary =
+                crate::dispatch::run(&settings.kafka, &dispatch, &registry, readiness, shutdown)
+                    .await?;
+            println!(
+                "dispatch stopped: consumed {}, routed {}, dead-lettered {}",
+                summary.consumed, summary.routed, summary.dead_lettered
+            );
+            Ok(())
+        }
+        Command::Log | Command::Aggregate => {
+            anyhow::bail!("this stage is not built yet; see the open issues (#4 log, #5 aggregate)")
         }
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {

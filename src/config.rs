@@ -164,6 +164,21 @@ pub struct FileSettings {
     pub postgres: FileUrl,
     pub telemetry: FileTelemetry,
     pub aggregate: FileAggregate,
+    pub dispatch: FileDispatch,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileDispatch {
+    pub input_topics: Option<Vec<String>>,
+    pub input_pattern: Option<String>,
+    pub group_id: Option<String>,
+    pub routes_file: Option<PathBuf>,
+    pub service: Option<String>,
+    pub dead_letter_suffix: Option<String>,
+    pub max_envelope_bytes: Option<usize>,
+    pub drain_timeout_secs: Option<u64>,
+    pub exactly_once: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +220,161 @@ pub struct Settings {
     pub postgres_url: Url,
     pub telemetry: TelemetrySettings,
     pub aggregate: AggregateSettings,
+    /// Dispatch settings from the file and defaults; `eventpipe dispatch` merges its flags over
+    /// `file_dispatch` with `DispatchSettings::resolve`.
+    pub dispatch: DispatchSettings,
+    pub file_dispatch: FileDispatch,
+}
+
+/// Where the dispatcher reads, how it names itself, and its delivery mode.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub input: InputTopics,
+    pub group_id: String,
+    pub routes_file: PathBuf,
+    /// The `service` of every envelope the dispatcher emits.
+    pub service: String,
+    pub dead_letter_suffix: String,
+    pub max_envelope_bytes: usize,
+    /// How long shutdown and revocation wait for in-flight outputs before giving up on them.
+    pub drain_timeout: Duration,
+    /// Kafka transactions: consume-transform-produce with offsets in the transaction.
+    pub exactly_once: bool,
+}
+
+/// Explicit topics, or a regular expression matched against all topics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputTopics {
+    Names(Vec<String>),
+    Pattern(String),
+}
+
+/// Flags of `eventpipe dispatch`; each falls back to its environment variable, then the file.
+#[derive(Debug, Default, Clone, Args)]
+pub struct DispatchArgs {
+    /// Input topics, comma-separated (default: create_user_in,update_user_in,task_in).
+    #[arg(long, env = "EVENTPIPE_DISPATCH_INPUT_TOPICS", value_delimiter = ',')]
+    pub input_topics: Option<Vec<String>>,
+    /// Regular expression of input topics instead of a list, e.g. `.*_in`.
+    #[arg(long, env = "EVENTPIPE_DISPATCH_INPUT_PATTERN")]
+    pub input_pattern: Option<String>,
+    #[arg(long, env = "EVENTPIPE_DISPATCH_GROUP_ID")]
+    pub group_id: Option<String>,
+    #[arg(long, env = "EVENTPIPE_DISPATCH_ROUTES_FILE")]
+    pub routes_file: Option<PathBuf>,
+    /// Service name written into every output envelope.
+    #[arg(long, env = "EVENTPIPE_DISPATCH_SERVICE")]
+    pub service: Option<String>,
+    #[arg(long, env = "EVENTPIPE_DISPATCH_DEAD_LETTER_SUFFIX")]
+    pub dead_letter_suffix: Option<String>,
+    #[arg(long, env = "EVENTPIPE_DISPATCH_MAX_ENVELOPE_BYTES")]
+    pub max_envelope_bytes: Option<usize>,
+    #[arg(long, env = "EVENTPIPE_DISPATCH_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
+    /// Use Kafka transactions (exactly-once) instead of at-least-once.
+    #[arg(long, env = "EVENTPIPE_DISPATCH_EXACTLY_ONCE")]
+    pub exactly_once: Option<bool>,
+}
+
+const DISPATCH_INPUT: SettingName = SettingName {
+    key: "dispatch.input_topics / dispatch.input_pattern",
+    env: "EVENTPIPE_DISPATCH_INPUT_TOPICS / EVENTPIPE_DISPATCH_INPUT_PATTERN",
+    flag: "--input-topics / --input-pattern",
+};
+const DISPATCH_MAX_BYTES: SettingName = SettingName {
+    key: "dispatch.max_envelope_bytes",
+    env: "EVENTPIPE_DISPATCH_MAX_ENVELOPE_BYTES",
+    flag: "--max-envelope-bytes",
+};
+
+impl DispatchSettings {
+    /// Merges `eventpipe dispatch` flags (and their environment variables) over the file.
+    pub fn resolve(args: &DispatchArgs, file: &FileDispatch) -> Result<Self, ConfigError> {
+        let pattern = args.input_pattern.clone().or(file.input_pattern.clone());
+        let topics = args.input_topics.clone().or(file.input_topics.clone());
+        let input = match (pattern, topics) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    &DISPATCH_INPUT,
+                    "both",
+                    "set a topic list or a pattern, not both",
+                ))
+            }
+            (Some(pattern), None) => {
+                // librdkafka treats a subscription starting with ^ as a regular expression.
+                let pattern = if pattern.starts_with('^') {
+                    pattern
+                } else {
+                    format!("^{pattern}")
+                };
+                InputTopics::Pattern(pattern)
+            }
+            (None, topics) => {
+                let topics: Vec<String> = topics
+                    .unwrap_or_else(|| {
+                        ["create_user_in", "update_user_in", "task_in"]
+                            .map(String::from)
+                            .to_vec()
+                    })
+                    .into_iter()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                if let Some(bad) = topics.iter().find(|t| !crate::topics::valid_topic_name(t)) {
+                    return Err(ConfigError::invalid(
+                        &DISPATCH_INPUT,
+                        bad.as_str(),
+                        "not a valid topic name",
+                    ));
+                }
+                if topics.is_empty() {
+                    return Err(ConfigError::invalid(&DISPATCH_INPUT, "", "no input topics"));
+                }
+                InputTopics::Names(topics)
+            }
+        };
+        let max_envelope_bytes = args
+            .max_envelope_bytes
+            .or(file.max_envelope_bytes)
+            .unwrap_or(crate::envelope::DEFAULT_MAX_ENVELOPE_BYTES);
+        if max_envelope_bytes < 64 {
+            return Err(ConfigError::invalid(
+                &DISPATCH_MAX_BYTES,
+                max_envelope_bytes.to_string(),
+                "must be at least 64",
+            ));
+        }
+        Ok(DispatchSettings {
+            input,
+            group_id: args
+                .group_id
+                .clone()
+                .or(file.group_id.clone())
+                .unwrap_or_else(|| "eventpipe-dispatch".into()),
+            routes_file: args
+                .routes_file
+                .clone()
+                .or(file.routes_file.clone())
+                .unwrap_or_else(|| PathBuf::from("topics/routes.toml")),
+            service: args
+                .service
+                .clone()
+                .or(file.service.clone())
+                .unwrap_or_else(|| "eventpipe-dispatch".into()),
+            dead_letter_suffix: args
+                .dead_letter_suffix
+                .clone()
+                .or(file.dead_letter_suffix.clone())
+                .unwrap_or_else(|| crate::topics::DEAD_LETTER_SUFFIX.into()),
+            max_envelope_bytes,
+            drain_timeout: Duration::from_secs(
+                args.drain_timeout_secs
+                    .or(file.drain_timeout_secs)
+                    .unwrap_or(30),
+            ),
+            exactly_once: args.exactly_once.or(file.exactly_once).unwrap_or(false),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -405,7 +575,10 @@ impl Settings {
             ));
         }
 
+        let dispatch = DispatchSettings::resolve(&DispatchArgs::default(), &file.dispatch)?;
         Ok(Settings {
+            dispatch,
+            file_dispatch: file.dispatch,
             kafka: KafkaSettings {
                 bootstrap_servers,
                 properties,

@@ -3,6 +3,8 @@
 
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod config; // typed settings: flags > environment > config file > defaults
+pub mod dead_letter; // dead-letter records: original bytes plus headers saying why and from where
+pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, admin helpers, delivery

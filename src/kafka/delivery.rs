@@ -38,9 +38,12 @@ impl<'p> BoundedSender<'p> {
                     return Ok(());
                 }
                 // librdkafka's own queue is full: wait for a report to free room, then retry.
-                Err((rdkafka::error::KafkaError::MessageProduction(code), returned))
-                    if code == rdkafka::types::RDKafkaErrorCode::QueueFull =>
-                {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
                     record = returned;
                     if self.in_flight.is_empty() {
                         self.producer

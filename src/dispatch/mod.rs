@@ -1,0 +1,53 @@
+//! `eventpipe dispatch`: consumes the services' input topics, routes each envelope by action
+//! through the handler registry, and emits enriched envelopes, at least once, with dead letters.
+
+pub mod handlers;
+pub mod pipeline;
+pub mod registry;
+pub mod routes;
+pub mod transform;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, DispatchSettings, KafkaSettings};
+use crate::telemetry::Readiness;
+pub use pipeline::{DispatchError, DispatchSummary};
+use registry::HandlerRegistry;
+use transform::Transformer;
+
+/// Loads the routes, binds handlers from `registry`, and runs until `shutdown`.
+pub async fn run(
+    kafka: &KafkaSettings,
+    settings: &DispatchSettings,
+    registry: &HandlerRegistry,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<DispatchSummary> {
+    let invalid_routes = |reason: String| ConfigError::File {
+        path: settings.routes_file.clone(),
+        reason,
+    };
+    let routes = routes::load(&settings.routes_file).map_err(|e| invalid_routes(e.reason))?;
+    let router = registry.build(&routes).map_err(invalid_routes)?;
+    let transformer = Transformer {
+        router,
+        service: settings.service.clone(),
+        dead_letter_suffix: settings.dead_letter_suffix.clone(),
+        max_envelope_bytes: settings.max_envelope_bytes,
+    };
+    if settings.exactly_once {
+        anyhow::bail!(
+            "exactly-once dispatch is not available yet (EVENTPIPE_DISPATCH_EXACTLY_ONCE)"
+        );
+    }
+    Ok(pipeline::run(
+        kafka,
+        &settings.input,
+        &settings.group_id,
+        settings.drain_timeout,
+        transformer,
+        readiness,
+        shutdown,
+    )
+    .await?)
+}

@@ -1,0 +1,280 @@
+//! The pure per-record step of the dispatcher: raw record in, output records (or one dead-letter
+//! record) out. No I/O here, so every routing and bad-input rule is unit-tested without a broker.
+
+use serde_json::{json, Value};
+
+use super::registry::{Inbound, Router};
+use crate::dead_letter::{self, SourcePosition};
+use crate::envelope::Envelope;
+
+/// A consumed record as the transform needs it.
+pub struct InputRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// What became of one input.
+#[derive(Debug, PartialEq)]
+pub enum Disposition {
+    /// The handler's outputs (possibly none: a route with no outputs consumes silently).
+    Routed {
+        action: String,
+        outputs: Vec<OutputRecord>,
+    },
+    /// The original bytes, to the dead-letter topic, with `kind` as the metric label.
+    DeadLetter {
+        kind: &'static str,
+        record: OutputRecord,
+    },
+}
+
+pub struct Transformer {
+    pub router: Router,
+    pub service: String,
+    pub dead_letter_suffix: String,
+    pub max_envelope_bytes: usize,
+}
+
+impl Transformer {
+    /// Decodes, routes and builds the outputs of one record; `now` is the outputs' timestamp.
+    pub fn transform(&self, input: &InputRecord<'_>, now: &str) -> Disposition {
+        let envelope = match Envelope::decode(input.payload, self.max_envelope_bytes) {
+            Ok(envelope) => envelope,
+            Err(error) => return self.dead_letter(input, error.kind(), &error.to_string()),
+        };
+        let Some(handler) = self.router.handler(&envelope.action) else {
+            return self.dead_letter(
+                input,
+                "unknown_action",
+                &format!("no route for action {:?}", envelope.action),
+            );
+        };
+        let inbound = Inbound {
+            envelope: &envelope,
+            topic: input.topic,
+            partition: input.partition,
+            offset: input.offset,
+        };
+        let outbound = match handler.handle(&inbound) {
+            Ok(outbound) => outbound,
+            Err(error) => return self.dead_letter(input, "handler_error", &error.0),
+        };
+        let key_text = input.key.map(|k| String::from_utf8_lossy(k).into_owned());
+        let outputs = outbound
+            .into_iter()
+            .map(|out| {
+                let body = json!({
+                    "service": self.service,
+                    "action": out.action,
+                    "payload": {"message": out.message, "timestamp": now, "data": out.data},
+                    // Enough for a Kibana user to follow the event back to its input record.
+                    "source": {
+                        "service": envelope.service,
+                        "action": envelope.action,
+                        "topic": input.topic,
+                        "partition": input.partition,
+                        "offset": input.offset,
+                        "timestamp": envelope.payload.timestamp,
+                        "key": key_text.as_deref().map_or(Value::Null, |k| Value::String(k.to_string())),
+                    },
+                });
+                let headers = vec![
+                    ("service".to_string(), self.service.clone().into_bytes()),
+                    ("action".to_string(), out.action.into_bytes()),
+                    ("source.service".to_string(), envelope.service.clone().into_bytes()),
+                    (dead_letter::HEADER_SOURCE_TOPIC.to_string(), input.topic.as_bytes().to_vec()),
+                    (dead_letter::HEADER_SOURCE_PARTITION.to_string(), input.partition.to_string().into_bytes()),
+                    (dead_letter::HEADER_SOURCE_OFFSET.to_string(), input.offset.to_string().into_bytes()),
+                ];
+                OutputRecord {
+                    topic: out.topic,
+                    key: input.key.map(<[u8]>::to_vec),
+                    value: serde_json::to_vec(&body).expect("a json! value always serializes"),
+                    headers,
+                }
+            })
+            .collect();
+        Disposition::Routed {
+            action: envelope.action,
+            outputs,
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        input: &InputRecord<'_>,
+        kind: &'static str,
+        reason: &str,
+    ) -> Disposition {
+        let source = SourcePosition {
+            topic: input.topic,
+            partition: input.partition,
+            offset: input.offset,
+            timestamp_ms: input.timestamp_ms,
+        };
+        let mut headers: Vec<(String, Vec<u8>)> = input
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
+        headers.extend(
+            dead_letter::headers("dispatch", kind, reason, &source)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_bytes())),
+        );
+        Disposition::DeadLetter {
+            kind,
+            record: OutputRecord {
+                topic: dead_letter::dead_letter_topic(input.topic, &self.dead_letter_suffix),
+                key: input.key.map(<[u8]>::to_vec),
+                value: input.payload.to_vec(),
+                headers,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::registry::HandlerRegistry;
+    use crate::dispatch::routes;
+
+    fn transformer() -> Transformer {
+        let routes = routes::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topics/routes.toml"
+        )))
+        .unwrap();
+        Transformer {
+            router: HandlerRegistry::with_builtins().build(&routes).unwrap(),
+            service: "eventpipe-dispatch".into(),
+            dead_letter_suffix: ".dlq".into(),
+            max_envelope_bytes: 4096,
+        }
+    }
+
+    fn input<'a>(topic: &'a str, payload: &'a [u8]) -> InputRecord<'a> {
+        InputRecord {
+            topic,
+            partition: 1,
+            offset: 17,
+            timestamp_ms: Some(1_714_564_800_000),
+            key: Some(b"42"),
+            payload,
+            headers: vec![("trace", b"abc")],
+        }
+    }
+
+    fn header<'r>(record: &'r OutputRecord, name: &str) -> &'r str {
+        let value = &record.headers.iter().find(|(k, _)| k == name).unwrap().1;
+        std::str::from_utf8(value).unwrap()
+    }
+
+    #[test]
+    fn builtin_actions_reproduce_the_services() {
+        let t = transformer();
+        let cases = [
+            (
+                "create_user_in",
+                "create_user",
+                vec![("info_in", "User created")],
+            ),
+            (
+                "update_user_in",
+                "update_user",
+                vec![("info_in", "User updated")],
+            ),
+            (
+                "task_in",
+                "start_task",
+                vec![
+                    ("info_in", "Task started"),
+                    ("worker_start_orm", "Task forwarded to the ORM worker"),
+                ],
+            ),
+        ];
+        for (topic, action, expected) in cases {
+            let body = format!(
+                r#"{{"service":"lk","action":"{action}","payload":{{"message":"It is {action}","timestamp":"2024-05-01T12:00:00.123456","data":{{"user_id":42}}}}}}"#
+            );
+            let Disposition::Routed { outputs, .. } =
+                t.transform(&input(topic, body.as_bytes()), "NOW")
+            else {
+                panic!("{action} routed")
+            };
+            assert_eq!(outputs.len(), expected.len());
+            for (output, (out_topic, message)) in outputs.iter().zip(expected) {
+                assert_eq!(output.topic, out_topic);
+                assert_eq!(
+                    output.key.as_deref(),
+                    Some(&b"42"[..]),
+                    "key kept for per-key order"
+                );
+                let v: Value = serde_json::from_slice(&output.value).unwrap();
+                assert_eq!(v["service"], "eventpipe-dispatch");
+                assert_eq!(v["action"], action);
+                assert_eq!(v["payload"]["message"], message);
+                assert_eq!(v["payload"]["timestamp"], "NOW");
+                assert_eq!(v["payload"]["data"]["user_id"], 42);
+                assert_eq!(v["source"]["service"], "lk");
+                assert_eq!(v["source"]["topic"], topic);
+                assert_eq!(v["source"]["partition"], 1);
+                assert_eq!(v["source"]["offset"], 17);
+                assert_eq!(v["source"]["timestamp"], "2024-05-01T12:00:00.123456");
+                assert_eq!(v["source"]["key"], "42");
+                assert_eq!(header(output, "action"), action);
+                assert_eq!(header(output, "eventpipe.source.offset"), "17");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_goes_to_the_dead_letter_topic_with_original_bytes() {
+        let t = transformer();
+        let big = format!(
+            r#"{{"service":"lk","action":"create_user","payload":{{"message":"{}","timestamp":"t","data":{{}}}}}}"#,
+            "x".repeat(5000)
+        );
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"{oops".to_vec(), "malformed_json"),
+            (b"\xc3\x28".to_vec(), "not_utf8"),
+            (br#"{"service":"lk","payload":{"message":"m","timestamp":"t"}}"#.to_vec(), "missing_field"),
+            (br#"{"service":"lk","action":7,"payload":{"message":"m","timestamp":"t"}}"#.to_vec(), "wrong_type"),
+            (br#"{"service":"lk","action":"","payload":{"message":"m","timestamp":"t"}}"#.to_vec(), "empty_action"),
+            (br#"{"service":"lk","action":"delete_everything","payload":{"message":"m","timestamp":"t"}}"#.to_vec(), "unknown_action"),
+            (big.into_bytes(), "oversized"),
+        ];
+        for (payload, expected_kind) in cases {
+            match t.transform(&input("task_in", &payload), "NOW") {
+                Disposition::DeadLetter { kind, record } => {
+                    assert_eq!(kind, expected_kind);
+                    assert_eq!(record.topic, "task_in.dlq");
+                    assert_eq!(record.value, payload, "original bytes kept");
+                    assert_eq!(record.key.as_deref(), Some(&b"42"[..]));
+                    assert_eq!(header(&record, "eventpipe.error.kind"), expected_kind);
+                    assert!(!header(&record, "eventpipe.error.reason").is_empty());
+                    assert_eq!(header(&record, "eventpipe.source.topic"), "task_in");
+                    assert_eq!(header(&record, "eventpipe.source.partition"), "1");
+                    assert_eq!(header(&record, "eventpipe.source.offset"), "17");
+                    assert_eq!(header(&record, "trace"), "abc", "original headers kept");
+                }
+                other => panic!("{expected_kind}: {other:?}"),
+            }
+        }
+    }
+}

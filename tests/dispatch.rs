@@ -1,0 +1,405 @@
+//! `eventpipe dispatch` on the real stack: the services' actions arrive with the right fields,
+//! per-key order holds, bad input is dead-lettered while good input flows, and neither a graceful
+//! restart nor a kill -9 loses an event.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::StageProcess;
+use rdkafka::message::{Message, OwnedMessage};
+use serde_json::json;
+
+/// Fresh input, dead-letter and output topics, and a routes file that points at them.
+struct Fixture {
+    create: String,
+    update: String,
+    task: String,
+    info: String,
+    worker: String,
+    routes_file: PathBuf,
+    group: String,
+}
+
+impl Fixture {
+    async fn new(partitions: i32) -> Fixture {
+        let settings = common::settings();
+        let base = common::unique("dispatch");
+        let fixture = Fixture {
+            create: format!("{base}-create"),
+            update: format!("{base}-update"),
+            task: format!("{base}-task"),
+            info: format!("{base}-info"),
+            worker: format!("{base}-worker"),
+            routes_file: std::env::temp_dir().join(format!("{base}-routes.toml")),
+            group: format!("{base}-group"),
+        };
+        for topic in [
+            &fixture.create,
+            &fixture.update,
+            &fixture.task,
+            &fixture.info,
+            &fixture.worker,
+        ] {
+            common::create_topic(&settings, topic, partitions).await;
+        }
+        for topic in [&fixture.create, &fixture.update, &fixture.task] {
+            common::create_topic(&settings, &format!("{topic}.dlq"), 1).await;
+        }
+        let routes =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/topics/routes.toml"))
+                .unwrap()
+                .replace("\"info_in\"", &format!("\"{}\"", fixture.info))
+                .replace("\"worker_start_orm\"", &format!("\"{}\"", fixture.worker));
+        std::fs::write(&fixture.routes_file, routes).unwrap();
+        fixture
+    }
+
+    fn start(&self, extra_env: &[(&str, &str)]) -> StageProcess {
+        let inputs = format!("{},{},{}", self.create, self.update, self.task);
+        StageProcess::start(
+            &[
+                "dispatch",
+                "--input-topics",
+                &inputs,
+                "--routes-file",
+                self.routes_file.to_str().unwrap(),
+                "--group-id",
+                &self.group,
+            ],
+            extra_env,
+        )
+    }
+}
+
+fn envelope(action: &str, user_id: u64, seq: u64) -> Vec<u8> {
+    json!({
+        "service": "lk",
+        "action": action,
+        "payload": {
+            "message": format!("It is {action}"),
+            "timestamp": "2024-05-01T12:00:00.123456",
+            "data": {"user_id": user_id, "seq": seq}
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// (user_id, seq) of each output, asserting the common output fields on the way.
+fn seqs(messages: &[OwnedMessage]) -> Vec<(u64, u64)> {
+    messages
+        .iter()
+        .map(|m| {
+            let v = common::json(m);
+            let data = &v["payload"]["data"];
+            assert_eq!(
+                common::key(m),
+                data["user_id"].to_string(),
+                "output keeps the input key"
+            );
+            (
+                data["user_id"].as_u64().unwrap(),
+                data["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn builtin_actions_arrive_with_the_right_fields_exactly_once_across_a_restart() {
+    let settings = common::settings();
+    let f = Fixture::new(3).await;
+    let per_action = 40u64;
+    for (topic, action) in [
+        (&f.create, "create_user"),
+        (&f.update, "update_user"),
+        (&f.task, "start_task"),
+    ] {
+        let records: Vec<(String, Vec<u8>)> = (0..per_action)
+            .map(|seq| ((seq % 7).to_string(), envelope(action, seq % 7, seq)))
+            .collect();
+        common::produce_all(&settings, topic, &records).await;
+    }
+
+    let stage = f.start(&[]);
+    let info = common::consume(
+        &settings,
+        &f.info,
+        3 * per_action as usize,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        info.len(),
+        3 * per_action as usize,
+        "all events reach info: {}",
+        stage.log()
+    );
+    let worker = common::consume(
+        &settings,
+        &f.worker,
+        per_action as usize,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(worker.len(), per_action as usize);
+
+    let mut by_action: BTreeMap<String, HashSet<u64>> = BTreeMap::new();
+    for message in &info {
+        let v = common::json(message);
+        let action = v["action"].as_str().unwrap().to_string();
+        let expected_message = match action.as_str() {
+            "create_user" => "User created",
+            "update_user" => "User updated",
+            "start_task" => "Task started",
+            other => panic!("unexpected action {other}"),
+        };
+        assert_eq!(v["service"], "eventpipe-dispatch");
+        assert_eq!(v["payload"]["message"], expected_message);
+        let timestamp = v["payload"]["timestamp"].as_str().unwrap();
+        let emitted =
+            chrono::DateTime::parse_from_rfc3339(timestamp).expect("fresh RFC 3339 timestamp");
+        assert!((chrono::Utc::now() - emitted.with_timezone(&chrono::Utc)).num_minutes() < 10);
+        assert_eq!(v["source"]["service"], "lk");
+        assert_eq!(v["source"]["timestamp"], "2024-05-01T12:00:00.123456");
+        let source_topic = v["source"]["topic"].as_str().unwrap();
+        let expected_topic = match action.as_str() {
+            "create_user" => &f.create,
+            "update_user" => &f.update,
+            _ => &f.task,
+        };
+        assert_eq!(source_topic, expected_topic.as_str());
+        assert!(v["source"]["offset"].as_i64().unwrap() >= 0);
+        let headers = common::headers(message);
+        assert_eq!(headers["action"], action);
+        assert_eq!(headers["eventpipe.source.topic"], source_topic);
+        let seq = v["payload"]["data"]["seq"].as_u64().unwrap();
+        assert!(
+            by_action.entry(action).or_default().insert(seq),
+            "no duplicate"
+        );
+    }
+    for set in by_action.values() {
+        assert_eq!(set.len(), per_action as usize);
+    }
+    for message in &worker {
+        let v = common::json(message);
+        assert_eq!(v["action"], "start_task");
+        assert_eq!(v["payload"]["data"]["queue"], "orm");
+    }
+
+    let metrics = stage.metrics().await;
+    let consumed =
+        common::metric_value(&metrics, "eventpipe_dispatch_consumed_total", &[&f.task]).unwrap();
+    assert_eq!(consumed, per_action as f64, "{metrics}");
+    assert_eq!(stage.ready_status().await, Some(200));
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "graceful exit: {log}");
+    assert!(
+        log.contains(&format!(
+            "consumed {}, routed {}, dead-lettered 0",
+            3 * per_action,
+            3 * per_action
+        )),
+        "{log}"
+    );
+
+    // Offsets were committed on shutdown: a restart in the same group re-emits nothing.
+    let stage = f.start(&[]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("consumed 0, routed 0, dead-lettered 0"),
+        "{log}"
+    );
+    let all = common::consume_until_quiet(&settings, &f.info, Duration::from_secs(5)).await;
+    assert_eq!(
+        all.len(),
+        3 * per_action as usize,
+        "no duplicates after a graceful restart"
+    );
+}
+
+#[tokio::test]
+async fn per_key_order_holds_across_partitions() {
+    let settings = common::settings();
+    let f = Fixture::new(3).await;
+    let users = 25u64;
+    let per_user = 80u64;
+    let mut records = Vec::new();
+    for seq in 0..per_user {
+        for user in 0..users {
+            records.push((user.to_string(), envelope("create_user", user, seq)));
+        }
+    }
+    common::produce_all(&settings, &f.create, &records).await;
+
+    let stage = f.start(&[]);
+    let total = (users * per_user) as usize;
+    let info = common::consume(&settings, &f.info, total, Duration::from_secs(120)).await;
+    assert_eq!(info.len(), total, "{}", stage.log());
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    let mut partitions = HashSet::new();
+    for (message, (user, seq)) in info.iter().zip(seqs(&info)) {
+        if let Some(previous) = last.insert(user, seq) {
+            assert!(
+                seq == previous + 1,
+                "user {user}: seq {seq} after {previous}"
+            );
+        } else {
+            assert_eq!(seq, 0, "user {user} starts at 0");
+        }
+        partitions.insert(message.partition());
+    }
+    assert_eq!(
+        partitions.len(),
+        3,
+        "keys spread over every output partition"
+    );
+    assert!(last.values().all(|s| *s == per_user - 1));
+    stage.terminate();
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_with_its_reason_while_good_input_flows() {
+    let settings = common::settings();
+    let f = Fixture::new(1).await;
+    let big = json!({"service":"lk","action":"create_user","payload":{"message":"x".repeat(2_000_000),"timestamp":"t","data":{}}}).to_string();
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed_json", b"{\"service\": \"lk\", ".to_vec()),
+        ("not_utf8", vec![0xff, 0xfe, 0x00, 0x41]),
+        ("missing_field", br#"{"service":"lk","payload":{"message":"m","timestamp":"t","data":{}}}"#.to_vec()),
+        ("wrong_type", br#"{"service":"lk","action":["create_user"],"payload":{"message":"m","timestamp":"t"}}"#.to_vec()),
+        ("empty_action", br#"{"service":"lk","action":"","payload":{"message":"m","timestamp":"t"}}"#.to_vec()),
+        ("unknown_action", br#"{"service":"lk","action":"drop_database","payload":{"message":"m","timestamp":"t"}}"#.to_vec()),
+        ("oversized", big.into_bytes()),
+    ];
+    // Good, bad, good, bad, ...: the partition must keep flowing past every bad record.
+    let mut records = Vec::new();
+    for (i, (_, bytes)) in bad.iter().enumerate() {
+        records.push((format!("{i}"), envelope("create_user", i as u64, i as u64)));
+        records.push((format!("{i}"), bytes.clone()));
+    }
+    records.push(("99".into(), envelope("create_user", 99, 99)));
+    // The oversized record needs a bigger producer request than the default.
+    let mut big_settings = settings.clone();
+    big_settings
+        .kafka
+        .properties
+        .insert("message.max.bytes".into(), "3000000".into());
+    common::produce_all(&big_settings, &f.create, &records).await;
+
+    let stage = f.start(&[
+        ("EVENTPIPE_KAFKA_MESSAGE_MAX_BYTES", "3000000"),
+        ("EVENTPIPE_KAFKA_FETCH_MAX_BYTES", "5000000"),
+    ]);
+    let good = common::consume(&settings, &f.info, bad.len() + 1, Duration::from_secs(90)).await;
+    assert_eq!(good.len(), bad.len() + 1, "{}", stage.log());
+    let mut dlq_settings = settings.clone();
+    dlq_settings
+        .kafka
+        .properties
+        .insert("fetch.max.bytes".into(), "5000000".into());
+    let dlq_topic = format!("{}.dlq", f.create);
+    let dead = common::consume(
+        &dlq_settings,
+        &dlq_topic,
+        bad.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(dead.len(), bad.len(), "{}", stage.log());
+    for (message, (kind, bytes)) in dead.iter().zip(&bad) {
+        let headers = common::headers(message);
+        assert_eq!(headers["eventpipe.error.kind"], *kind);
+        assert!(!headers["eventpipe.error.reason"].is_empty());
+        assert_eq!(headers["eventpipe.source.topic"], f.create);
+        assert_eq!(headers["eventpipe.source.partition"], "0");
+        assert!(
+            headers["eventpipe.source.offset"].parse::<i64>().unwrap() % 2 == 1,
+            "bad records sit at odd offsets"
+        );
+        assert_eq!(
+            message.payload().unwrap(),
+            bytes.as_slice(),
+            "original bytes preserved"
+        );
+    }
+    let metrics = stage.metrics().await;
+    for (kind, _) in &bad {
+        let label = format!("kind=\"{kind}\"");
+        assert_eq!(
+            common::metric_value(
+                &metrics,
+                "eventpipe_dispatch_dead_lettered_total",
+                &[&label]
+            ),
+            Some(1.0),
+            "{kind} counted: {metrics}"
+        );
+    }
+    stage.terminate();
+}
+
+#[tokio::test]
+async fn kill_minus_nine_mid_stream_loses_nothing() {
+    let settings = common::settings();
+    let f = Fixture::new(3).await;
+    let total = 30_000u64;
+    let records: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|seq| {
+            (
+                (seq % 100).to_string(),
+                envelope("update_user", seq % 100, seq),
+            )
+        })
+        .collect();
+    common::produce_all(&settings, &f.update, &records).await;
+
+    // Let the first run get part of the way, then crash it without any chance to commit.
+    let stage = f.start(&[]);
+    let consumer = common::consumer(&settings, &f.info);
+    let mut seen_before_kill = 0;
+    while seen_before_kill < 3_000 {
+        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("dispatcher made no progress: {}", stage.log()))
+            .unwrap();
+        seen_before_kill += 1;
+    }
+    stage.kill9();
+
+    let stage = f.start(&[]);
+    let mut outputs: Vec<OwnedMessage> = Vec::new();
+    let mut distinct = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let consumer = common::consumer(&settings, &f.info);
+    while (distinct.len() as u64) < total {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {total} distinct events arrived: {}",
+                    distinct.len(),
+                    stage.log()
+                )
+            })
+            .unwrap()
+            .detach();
+        let (_, seq) = seqs(std::slice::from_ref(&message))[0];
+        distinct.insert(seq);
+        outputs.push(message);
+    }
+    let duplicates = outputs.len() as u64 - total;
+    println!("kill -9: {total} events, {duplicates} duplicates re-delivered after the crash");
+    assert!(
+        duplicates < total,
+        "duplicates are bounded by the work in flight"
+    );
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+}
