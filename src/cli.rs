@@ -316,7 +316,11 @@ async fn check(settings: &Settings) -> anyhow::Result<()> {
         .build()
         .context("building the HTTP client")?;
     for (name, url) in [
-        ("elasticsearch", settings.elasticsearch_url.clone()),
+        // The cluster health API: the root endpoint is absent from some distributions.
+        (
+            "elasticsearch",
+            settings.elasticsearch_url.join("_cluster/health")?,
+        ),
         (
             "schema-registry",
             settings.schema_registry_url.join("subjects")?,

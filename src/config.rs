@@ -179,6 +179,7 @@ pub struct FileDispatch {
     pub max_envelope_bytes: Option<usize>,
     pub drain_timeout_secs: Option<u64>,
     pub exactly_once: Option<bool>,
+    pub transactional_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +241,8 @@ pub struct DispatchSettings {
     pub drain_timeout: Duration,
     /// Kafka transactions: consume-transform-produce with offsets in the transaction.
     pub exactly_once: bool,
+    /// Stable per instance, so a restarted instance fences its predecessor's open transaction.
+    pub transactional_id: String,
 }
 
 /// Explicit topics, or a regular expression matched against all topics.
@@ -274,6 +277,9 @@ pub struct DispatchArgs {
     /// Use Kafka transactions (exactly-once) instead of at-least-once.
     #[arg(long, env = "EVENTPIPE_DISPATCH_EXACTLY_ONCE")]
     pub exactly_once: Option<bool>,
+    /// Transactional id of this instance (default: `<group id>-<hostname>`); one per instance.
+    #[arg(long, env = "EVENTPIPE_DISPATCH_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
 }
 
 const DISPATCH_INPUT: SettingName = SettingName {
@@ -344,13 +350,20 @@ impl DispatchSettings {
                 "must be at least 64",
             ));
         }
+        let group_id = args
+            .group_id
+            .clone()
+            .or(file.group_id.clone())
+            .unwrap_or_else(|| "eventpipe-dispatch".into());
+        let transactional_id = args
+            .transactional_id
+            .clone()
+            .or(file.transactional_id.clone())
+            .unwrap_or_else(|| format!("{group_id}-{}", hostname()));
         Ok(DispatchSettings {
             input,
-            group_id: args
-                .group_id
-                .clone()
-                .or(file.group_id.clone())
-                .unwrap_or_else(|| "eventpipe-dispatch".into()),
+            group_id,
+            transactional_id,
             routes_file: args
                 .routes_file
                 .clone()
@@ -601,6 +614,16 @@ impl Settings {
     }
 }
 
+/// This machine's name, for default instance ids.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Parses the TOML config file into its typed shape; errors become one line with the line number.
 pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
@@ -674,7 +697,13 @@ fn parse_http_url(
     default: &str,
 ) -> Result<Url, ConfigError> {
     let raw = raw.unwrap_or_else(|| default.into());
-    let url = Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(name, raw.as_str(), e))?;
+    let mut url =
+        Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(name, raw.as_str(), e))?;
+    // A trailing slash makes `join("subjects")` append instead of replacing the last segment.
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ConfigError::invalid(
             name,
@@ -723,6 +752,10 @@ mod tests {
         let s = resolve(SettingsArgs::default(), "").unwrap();
         assert_eq!(s.kafka.bootstrap_servers, DEFAULT_BOOTSTRAP_SERVERS);
         assert_eq!(s.elasticsearch_url.as_str(), "http://127.0.0.1:19200/");
+        assert_eq!(
+            s.schema_registry_url.join("subjects").unwrap().as_str(),
+            "http://127.0.0.1:18081/apis/ccompat/v7/subjects"
+        );
         assert_eq!(s.aggregate.storage_type, StorageType::Kafka);
         assert_eq!(s.aggregate.interval, Duration::from_secs(60));
         assert_eq!(s.aggregate.output_topic, "events_aggregated");

@@ -29,8 +29,11 @@ pub fn init_tracing(settings: &TelemetrySettings) {
         );
         EnvFilter::new("info")
     });
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for people: log files and collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // try_init: tests may install a subscriber more than once in one process.
     let _ = match settings.log_format {

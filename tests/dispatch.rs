@@ -365,10 +365,12 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     let consumer = common::consumer(&settings, &f.info);
     let mut seen_before_kill = 0;
     while seen_before_kill < 3_000 {
-        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("dispatcher made no progress: {}", stage.log()))
-            .unwrap();
+        common::next_message(
+            &consumer,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|| panic!("dispatcher made no progress: {}", stage.log()));
         seen_before_kill += 1;
     }
     stage.kill9();
@@ -379,17 +381,15 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let consumer = common::consumer(&settings, &f.info);
     while (distinct.len() as u64) < total {
-        let message = tokio::time::timeout_at(deadline, consumer.recv())
+        let message = common::next_message(&consumer, deadline)
             .await
-            .unwrap_or_else(|_| {
+            .unwrap_or_else(|| {
                 panic!(
                     "only {} of {total} distinct events arrived: {}",
                     distinct.len(),
                     stage.log()
                 )
-            })
-            .unwrap()
-            .detach();
+            });
         let (_, seq) = seqs(std::slice::from_ref(&message))[0];
         distinct.insert(seq);
         outputs.push(message);
@@ -399,6 +399,72 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     assert!(
         duplicates < total,
         "duplicates are bounded by the work in flight"
+    );
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test]
+async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
+    let settings = common::settings();
+    let mut committed_reader = settings.clone();
+    committed_reader
+        .kafka
+        .properties
+        .insert("isolation.level".into(), "read_committed".into());
+    let f = Fixture::new(3).await;
+    let total = 20_000u64;
+    let records: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|seq| {
+            (
+                (seq % 50).to_string(),
+                envelope("create_user", seq % 50, seq),
+            )
+        })
+        .collect();
+    common::produce_all(&settings, &f.create, &records).await;
+
+    let eos = [("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true")];
+    let stage = f.start(&eos);
+    let consumer = common::consumer(&committed_reader, &f.info);
+    for _ in 0..2_000 {
+        common::next_message(
+            &consumer,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no progress: {}", stage.log()));
+    }
+    stage.kill9();
+
+    let stage = f.start(&eos);
+    let outputs = {
+        let consumer = common::consumer(&committed_reader, &f.info);
+        let mut outputs = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        while (outputs.len() as u64) < total {
+            let message = common::next_message(&consumer, deadline)
+                .await
+                .unwrap_or_else(|| panic!("{} of {total} arrived: {}", outputs.len(), stage.log()));
+            outputs.push(message);
+        }
+        // Anything more than `total` would be a duplicate: give it time to show up.
+        while let Some(extra) = common::next_message(
+            &consumer,
+            tokio::time::Instant::now() + Duration::from_secs(5),
+        )
+        .await
+        {
+            outputs.push(extra);
+        }
+        outputs
+    };
+    let distinct: HashSet<u64> = seqs(&outputs).into_iter().map(|(_, seq)| seq).collect();
+    assert_eq!(distinct.len() as u64, total, "every event");
+    assert_eq!(
+        outputs.len() as u64,
+        total,
+        "exactly once: no duplicates after kill -9"
     );
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");

@@ -5,6 +5,7 @@ pub mod handlers;
 pub mod pipeline;
 pub mod registry;
 pub mod routes;
+pub mod transactional;
 pub mod transform;
 
 use tokio_util::sync::CancellationToken;
@@ -36,9 +37,16 @@ pub async fn run(
         max_envelope_bytes: settings.max_envelope_bytes,
     };
     if settings.exactly_once {
-        anyhow::bail!(
-            "exactly-once dispatch is not available yet (EVENTPIPE_DISPATCH_EXACTLY_ONCE)"
-        );
+        return Ok(transactional::run(
+            kafka,
+            &settings.input,
+            &settings.group_id,
+            &settings.transactional_id,
+            transformer,
+            readiness,
+            shutdown,
+        )
+        .await?);
     }
     Ok(pipeline::run(
         kafka,

@@ -357,14 +357,14 @@ pub async fn run(
     outcome.map(|()| summary)
 }
 
-async fn process(
+/// Decodes and routes one consumed message, counting it; returns its outputs and whether they
+/// are a dead letter. Shared by the at-least-once and the transactional loops.
+pub(super) fn transform_message(
     message: &BorrowedMessage<'_>,
-    topic_id: Arc<str>,
+    topic_id: &Arc<str>,
     transformer: &Transformer,
-    shared: &Shared,
-    producer: &ThreadedProducer<DeliveryContext>,
     summary: &mut DispatchSummary,
-) {
+) -> (Vec<OutputRecord>, bool) {
     summary.consumed += 1;
     metrics::counter!("eventpipe_dispatch_consumed_total", "topic" => topic_id.to_string())
         .increment(1);
@@ -386,8 +386,7 @@ async fn process(
         headers,
     };
     let started = Instant::now();
-    let disposition = transformer.transform(&input, &now_timestamp());
-    let (outputs, dead_letter) = match disposition {
+    match transformer.transform(&input, &now_timestamp()) {
         Disposition::Routed { action, outputs } => {
             metrics::histogram!("eventpipe_dispatch_handler_seconds", "action" => action)
                 .record(started.elapsed().as_secs_f64());
@@ -402,36 +401,48 @@ async fn process(
                 offset = input.offset,
                 "dead-lettering"
             );
-            metrics::counter!("eventpipe_dispatch_dead_lettered_total", "topic" => topic_id.to_string(), "kind" => kind).increment(1);
+            metrics::counter!("eventpipe_dispatch_dead_lettered_total", "topic" => topic_id.to_string(), "kind" => kind)
+                .increment(1);
             summary.dead_lettered += 1;
             (vec![record], true)
         }
-    };
+    }
+}
+
+async fn process(
+    message: &BorrowedMessage<'_>,
+    topic_id: Arc<str>,
+    transformer: &Transformer,
+    shared: &Shared,
+    producer: &ThreadedProducer<DeliveryContext>,
+    summary: &mut DispatchSummary,
+) {
+    let (outputs, dead_letter) = transform_message(message, &topic_id, transformer, summary);
     let partition = PartitionId {
         topic: topic_id,
-        partition: input.partition,
+        partition: message.partition(),
     };
     // Track before sending: a delivery report may arrive before `send` returns.
     shared
         .tracker()
-        .track(&partition, input.offset, outputs.len() as u32);
+        .track(&partition, message.offset(), outputs.len() as u32);
+    let input_timestamp_ms = message.timestamp().to_millis();
     for output in &outputs {
         let token = Box::new(DeliveryToken {
             partition: partition.clone(),
-            offset: input.offset,
+            offset: message.offset(),
             dead_letter,
-            input_timestamp_ms: input.timestamp_ms,
+            input_timestamp_ms,
         });
-        send(producer, output, token).await;
+        send_record(producer, base_record(output, token)).await;
     }
 }
 
-/// Enqueues one record, waiting while librdkafka's bounded queue is full (backpressure).
-async fn send(
-    producer: &ThreadedProducer<DeliveryContext>,
+/// The librdkafka record for one output, carrying `opaque` to its delivery report.
+pub(super) fn base_record<D: rdkafka::util::IntoOpaque>(
     output: &OutputRecord,
-    token: Box<DeliveryToken>,
-) {
+    opaque: D,
+) -> BaseRecord<'_, Vec<u8>, Vec<u8>, D> {
     let headers = output.headers.iter().fold(
         OwnedHeaders::new_with_capacity(output.headers.len()),
         |h, (k, v)| {
@@ -441,13 +452,13 @@ async fn send(
             })
         },
     );
-    let mut record = BaseRecord::with_opaque_to(&output.topic, token)
+    let mut record = BaseRecord::with_opaque_to(&output.topic, opaque)
         .payload(&output.value)
         .headers(headers);
     if let Some(key) = &output.key {
         record = record.key(key);
     }
-    send_record(producer, record).await;
+    record
 }
 
 async fn send_record(

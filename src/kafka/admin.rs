@@ -9,6 +9,7 @@ use rdkafka::admin::{
     ResourceSpecifier, TopicReplication,
 };
 use rdkafka::metadata::Metadata;
+use rdkafka::types::RDKafkaErrorCode;
 
 use super::client::{create_client, wait_for_broker, ClientKind, KafkaError, PipelineContext};
 use crate::config::KafkaSettings;
@@ -123,6 +124,25 @@ impl Admin {
         Ok(applied)
     }
 
+    /// Waits (bounded) until a new topic shows in metadata with leaders, so the next command
+    /// (a producer, or `topics apply` run again) sees it.
+    async fn wait_until_visible(&self, topic: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let visible = self.metadata().is_ok_and(|m| {
+                m.topics().iter().any(|t| {
+                    t.name() == topic
+                        && !t.partitions().is_empty()
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            });
+            if visible {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn apply_one(&self, change: &TopicChange) -> Result<(), String> {
         match change {
             TopicChange::Create(spec) => {
@@ -139,7 +159,14 @@ impl Admin {
                     .create_topics(&[topic], &self.options())
                     .await
                     .map_err(|e| e.to_string())?;
-                first_error(results.into_iter().map(|r| r.map(|_| ())))
+                // Created concurrently by someone else (or metadata was stale): the goal is met.
+                let results = results.into_iter().map(|r| match r {
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => Ok(()),
+                    other => other.map(|_| ()),
+                });
+                first_error(results)?;
+                self.wait_until_visible(&spec.name).await;
+                Ok(())
             }
             TopicChange::AddPartitions { topic, to, .. } => {
                 let results = self

@@ -83,6 +83,24 @@ pub fn consumer(settings: &Settings, topic: &str) -> StreamConsumer<PipelineCont
     consumer
 }
 
+/// The next message before `deadline`, skipping transient client errors (a broker connection
+/// being re-established is not a test failure); `None` when the deadline passes.
+pub async fn next_message(
+    consumer: &StreamConsumer<PipelineContext>,
+    deadline: tokio::time::Instant,
+) -> Option<OwnedMessage> {
+    loop {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => return Some(message.detach()),
+            Ok(Err(error)) => {
+                eprintln!("transient consumer error (retrying): {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Reads until `count` messages arrived or `timeout` passed; returns what arrived.
 pub async fn consume(
     settings: &Settings,
@@ -94,10 +112,9 @@ pub async fn consume(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut messages = Vec::new();
     while messages.len() < count {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => messages.push(message.detach()),
-            Ok(Err(error)) => panic!("consuming {topic}: {error}"),
-            Err(_) => break,
+        match next_message(&consumer, deadline).await {
+            Some(message) => messages.push(message),
+            None => break,
         }
     }
     messages
