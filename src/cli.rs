@@ -80,6 +80,18 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         series: u64,
     },
+    /// Print a topic's records as JSON lines (key, headers, value), without a consumer group.
+    Tail {
+        topic: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Start at the newest records instead of the oldest.
+        #[arg(long)]
+        from_end: bool,
+        /// Stop when nothing arrives for this many seconds.
+        #[arg(long, default_value_t = 5)]
+        idle_secs: u64,
+    },
     /// Check that Kafka, Elasticsearch, the schema registry and PostgreSQL answer.
     Check,
 }
@@ -222,6 +234,24 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 "generated {delivered} records in {seconds:.2}s ({:.0}/s)",
                 delivered as f64 / seconds.max(1e-9)
             );
+            Ok(())
+        }
+        Command::Tail {
+            topic,
+            count,
+            from_end,
+            idle_secs,
+        } => {
+            crate::tail::run(
+                &settings.kafka,
+                crate::tail::TailOptions {
+                    topic,
+                    count,
+                    from_end,
+                    idle: Duration::from_secs(idle_secs),
+                },
+            )
+            .await?;
             Ok(())
         }
         Command::Check => check(&settings).await,

@@ -10,5 +10,6 @@ pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, admin helpers, delivery
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
+pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group
 pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint
 pub mod topics; // topic definitions under topics/ and the plan that applies them

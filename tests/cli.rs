@@ -310,3 +310,27 @@ fn producing_to_a_missing_topic_says_so() {
     let output = run(&["produce", "--topic", &topic], Some(b""));
     assert_one_line_error(&output, 1, &format!("topic \"{topic}\" does not exist"));
 }
+
+#[tokio::test]
+async fn tail_prints_records_as_json_lines_without_a_group() {
+    let settings = common::settings();
+    let topic = common::unique("tail");
+    common::create_topic(&settings, &topic, 2).await;
+    let records: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("k{i}"), format!("{{\"n\":{i}}}").into_bytes()))
+        .collect();
+    common::produce_all(&settings, &topic, &records).await;
+    let output = run(&["tail", &topic, "--count", "6", "--idle-secs", "10"], None);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut seen: Vec<i64> = stdout(&output)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["topic"], topic.as_str());
+            assert_eq!(v["key"], format!("k{}", v["value"]["n"]));
+            v["value"]["n"].as_i64().unwrap()
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2, 3, 4, 5]);
+}
