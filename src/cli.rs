@@ -36,10 +36,16 @@ pub enum Command {
         #[command(flatten)]
         args: DispatchArgs,
     },
-    /// Ship info_in to Elasticsearch (issue #4).
-    Log,
-    /// Windowed aggregation to Kafka or PostgreSQL (issue #5).
-    Aggregate,
+    /// Ship info_in to Elasticsearch as documents for Kibana.
+    Log {
+        #[command(flatten)]
+        args: crate::log::LogArgs,
+    },
+    /// Windowed aggregation by name, function and interval, to Kafka or PostgreSQL.
+    Aggregate {
+        #[command(flatten)]
+        args: crate::aggregate::AggregateArgs,
+    },
     /// Create and inspect the topics defined under topics/.
     Topics {
         #[command(subcommand)]
@@ -159,14 +165,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Dispatch { args } => {
             let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
-            let shutdown = shutdown::install_signal_handlers();
-            let readiness = telemetry::Readiness::default();
-            telemetry::serve(
-                settings.telemetry.metrics_address,
-                readiness.clone(),
-                shutdown.clone(),
-            )
-            .await?;
+            let (readiness, shutdown) = start_stage(&settings).await?;
             let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
             let summary =
                 crate::dispatch::run(&settings.kafka, &dispatch, &registry, readiness, shutdown)
@@ -177,8 +176,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Log | Command::Aggregate => {
-            anyhow::bail!("this stage is not built yet; see the open issues (#4 log, #5 aggregate)")
+        Command::Log { args } => {
+            let (readiness, shutdown) = start_stage(&settings).await?;
+            crate::log::run(&settings, args, readiness, shutdown).await
+        }
+        Command::Aggregate { args } => {
+            let (readiness, shutdown) = start_stage(&settings).await?;
+            crate::aggregate::run(&settings, args, readiness, shutdown).await
         }
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {
@@ -256,6 +260,21 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Check => check(&settings).await,
     }
+}
+
+/// What every long-running stage starts with: signal handling and the telemetry endpoint.
+async fn start_stage(
+    settings: &Settings,
+) -> anyhow::Result<(telemetry::Readiness, tokio_util::sync::CancellationToken)> {
+    let shutdown = shutdown::install_signal_handlers();
+    let readiness = telemetry::Readiness::default();
+    telemetry::serve(
+        settings.telemetry.metrics_address,
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok((readiness, shutdown))
 }
 
 async fn run_topics(command: TopicsCommand, settings: &Settings) -> anyhow::Result<()> {

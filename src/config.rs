@@ -165,6 +165,7 @@ pub struct FileSettings {
     pub telemetry: FileTelemetry,
     pub aggregate: FileAggregate,
     pub dispatch: FileDispatch,
+    pub log: crate::log::FileLog,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -225,6 +226,8 @@ pub struct Settings {
     /// `file_dispatch` with `DispatchSettings::resolve`.
     pub dispatch: DispatchSettings,
     pub file_dispatch: FileDispatch,
+    /// The file's `[log]` table; `eventpipe log` merges its flags over it.
+    pub file_log: crate::log::FileLog,
 }
 
 /// Where the dispatcher reads, how it names itself, and its delivery mode.
@@ -592,6 +595,7 @@ impl Settings {
         Ok(Settings {
             dispatch,
             file_dispatch: file.dispatch,
+            file_log: file.log,
             kafka: KafkaSettings {
                 bootstrap_servers,
                 properties,

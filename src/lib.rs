@@ -1,6 +1,7 @@
 //! eventpipe: a Kafka-native stream processing pipeline (dispatch, log, aggregate).
 //! Module map, one line each — start reading at `cli` for the commands and `config` for settings.
 
+pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod config; // typed settings: flags > environment > config file > defaults
 pub mod dead_letter; // dead-letter records: original bytes plus headers saying why and from where
@@ -8,6 +9,7 @@ pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least o
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, admin helpers, delivery
+pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group

@@ -361,7 +361,9 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     common::produce_all(&settings, &f.update, &records).await;
 
     // Let the first run get part of the way, then crash it without any chance to commit.
-    let stage = f.start(&[]);
+    // A short session timeout lets the group notice the killed member quickly.
+    let fast_failover = [("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000")];
+    let stage = f.start(&fast_failover);
     let consumer = common::consumer(&settings, &f.info);
     let mut seen_before_kill = 0;
     while seen_before_kill < 3_000 {
@@ -375,7 +377,7 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     }
     stage.kill9();
 
-    let stage = f.start(&[]);
+    let stage = f.start(&fast_failover);
     let mut outputs: Vec<OwnedMessage> = Vec::new();
     let mut distinct = HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
@@ -424,7 +426,11 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
         .collect();
     common::produce_all(&settings, &f.create, &records).await;
 
-    let eos = [("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true")];
+    // A short session timeout lets the group notice the killed member quickly.
+    let eos = [
+        ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true"),
+        ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
+    ];
     let stage = f.start(&eos);
     let consumer = common::consumer(&committed_reader, &f.info);
     for _ in 0..2_000 {

@@ -79,6 +79,11 @@ pub async fn run(
         .set(
             "transaction.timeout.ms",
             TRANSACTION_TIMEOUT.as_millis().to_string(),
+        )
+        // librdkafka requires a record to time out no later than its transaction.
+        .set(
+            "message.timeout.ms",
+            TRANSACTION_TIMEOUT.as_millis().to_string(),
         );
     let producer: ThreadedProducer<PipelineContext> = producer_config
         .create_with_context(log.clone())
