@@ -100,6 +100,30 @@ pub enum Command {
     },
     /// Check that Kafka, Elasticsearch, the schema registry and PostgreSQL answer.
     Check,
+    /// Benchmarks on the local stack, each next to a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
+    Dispatch {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Input rates (records/s) for the latency runs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+        latency_rates: Vec<u64>,
+        #[arg(long, default_value_t = 20)]
+        latency_seconds: u64,
+        /// Skip the exactly-once variant.
+        #[arg(long)]
+        no_exactly_once: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +283,30 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check => check(&settings).await,
+        Command::Bench {
+            command:
+                BenchCommand::Dispatch {
+                    records,
+                    partitions,
+                    latency_rates,
+                    latency_seconds,
+                    no_exactly_once,
+                },
+        } => {
+            let results = crate::bench::dispatch::run(
+                &settings,
+                crate::bench::dispatch::DispatchBenchOptions {
+                    records,
+                    partitions,
+                    latency_rates,
+                    latency_seconds,
+                    exactly_once: !no_exactly_once,
+                },
+            )
+            .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
     }
 }
 

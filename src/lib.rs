@@ -2,6 +2,7 @@
 //! Module map, one line each — start reading at `cli` for the commands and `config` for settings.
 
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
+pub mod bench; // `eventpipe bench`: workloads next to same-run baselines, table + JSON lines
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod config; // typed settings: flags > environment > config file > defaults
 pub mod dead_letter; // dead-letter records: original bytes plus headers saying why and from where

@@ -1,0 +1,473 @@
+//! The dispatch benchmark: throughput of `eventpipe dispatch` (at least once, and exactly once)
+//! over a preloaded backlog next to a raw rdkafka topic-to-topic copy of the same records, its
+//! CPU and peak memory, and end-to-end latency percentiles at fixed rates.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::measure::{cpu_seconds, peak_rss_mib, BenchResult, Percentiles, TopicWatcher};
+use crate::config::Settings;
+use crate::envelope::parse_timestamp;
+use crate::generate::{self, GenerateOptions, Generator, Pacer, TrafficKind, PACER_TICK};
+use crate::kafka::client::{client_config, create_client};
+use crate::kafka::{ClientKind, PipelineContext};
+
+pub struct DispatchBenchOptions {
+    pub records: u64,
+    pub partitions: i32,
+    /// Fixed input rates (records/s) for the latency runs.
+    pub latency_rates: Vec<u64>,
+    pub latency_seconds: u64,
+    pub exactly_once: bool,
+}
+
+/// Runs every dispatch workload and returns the results (baselines first).
+pub async fn run(
+    settings: &Settings,
+    options: DispatchBenchOptions,
+) -> anyhow::Result<Vec<BenchResult>> {
+    let base = format!("bench-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
+    let input = format!("{base}-in");
+    let mut topics = vec![
+        (input.clone(), options.partitions),
+        (format!("{input}.dlq"), 1),
+        (format!("{base}-out"), options.partitions),
+        (format!("{base}-copy"), options.partitions),
+        (format!("{base}-out-eos"), options.partitions),
+    ];
+    for rate in &options.latency_rates {
+        topics.push((format!("{base}-lat{rate}-in"), options.partitions));
+        topics.push((format!("{base}-lat{rate}-in.dlq"), 1));
+        topics.push((format!("{base}-lat{rate}-out"), options.partitions));
+    }
+    let admin: AdminClient<PipelineContext> = create_client(
+        &settings.kafka,
+        ClientKind::Admin,
+        PipelineContext::default(),
+    )?;
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new_topics, &AdminOptions::new())
+        .await?;
+    let outcome = run_workloads(settings, &options, &base).await;
+    // Bounded runs clean up after themselves, whatever happened.
+    let names: Vec<&str> = topics.iter().map(|(n, _)| n.as_str()).collect();
+    if let Err(error) = admin.delete_topics(&names, &AdminOptions::new()).await {
+        tracing::warn!(%error, "deleting benchmark topics");
+    }
+    outcome
+}
+
+async fn run_workloads(
+    settings: &Settings,
+    options: &DispatchBenchOptions,
+    base: &str,
+) -> anyhow::Result<Vec<BenchResult>> {
+    let input = format!("{base}-in");
+    let n = options.records;
+    eprintln!("preloading {n} envelopes into {input}");
+    let loaded = generate::run(
+        &settings.kafka,
+        GenerateOptions {
+            kind: TrafficKind::Envelopes,
+            count: n,
+            rate: 0,
+            seed: 1,
+            users: 10_000,
+            series: 1,
+            topic: Some(input.clone()),
+        },
+        CancellationToken::new(),
+    )
+    .await?;
+    anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+
+    let mut results = Vec::new();
+    eprintln!("baseline: raw rdkafka copy {input} -> {base}-copy");
+    let baseline = raw_copy(
+        settings,
+        &input,
+        &format!("{base}-copy"),
+        options.partitions,
+        n,
+    )?;
+    let baseline_rate = baseline.records_per_second;
+    results.push(baseline);
+
+    let routes = routes_file(base, &format!("{base}-out"))?;
+    eprintln!("dispatch (at least once) over the {n}-record backlog");
+    let mut dispatched = dispatcher_run(
+        settings,
+        &input,
+        &routes,
+        &format!("{base}-group"),
+        false,
+        &format!("{base}-out"),
+        options.partitions,
+        n,
+    )?;
+    dispatched.ratio_to_baseline = Some(dispatched.records_per_second / baseline_rate);
+    results.push(dispatched);
+
+    if options.exactly_once {
+        let routes = routes_file(&format!("{base}-eos"), &format!("{base}-out-eos"))?;
+        eprintln!("dispatch (exactly once) over the same backlog");
+        let mut eos = dispatcher_run(
+            settings,
+            &input,
+            &routes,
+            &format!("{base}-group-eos"),
+            true,
+            &format!("{base}-out-eos"),
+            options.partitions,
+            n,
+        )?;
+        eos.ratio_to_baseline = Some(eos.records_per_second / baseline_rate);
+        results.push(eos);
+    }
+
+    for rate in &options.latency_rates {
+        eprintln!("latency at {rate}/s for {}s", options.latency_seconds);
+        results.push(latency_run(settings, base, *rate, options.latency_seconds).await?);
+    }
+    Ok(results)
+}
+
+/// Routes sending every built-in action to `output` (one output per input).
+fn routes_file(base: &str, output: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("{base}-routes.toml"));
+    let routes: String = [("create_user", "User created"), ("update_user", "User updated"), ("start_task", "Task started")]
+        .iter()
+        .map(|(action, message)| {
+            format!("[[routes]]\naction = \"{action}\"\n[[routes.outputs]]\ntopic = \"{output}\"\nmessage = \"{message}\"\n\n")
+        })
+        .collect();
+    std::fs::write(&path, routes)?;
+    Ok(path)
+}
+
+/// The baseline: consume and re-produce every record unchanged with the same client settings.
+fn raw_copy(
+    settings: &Settings,
+    input: &str,
+    output: &str,
+    partitions: i32,
+    n: u64,
+) -> anyhow::Result<BenchResult> {
+    let watcher = TopicWatcher::new(&settings.kafka, output, partitions)?;
+    let cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let copier = {
+        let stop = stop.clone();
+        let kafka = settings.kafka.clone();
+        let (input, output) = (input.to_string(), output.to_string());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut consumer_config = client_config(&kafka, ClientKind::Consumer);
+            consumer_config.set("group.id", format!("{input}-raw-copy"));
+            let consumer: BaseConsumer = consumer_config.create()?;
+            consumer.subscribe(&[&input])?;
+            let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                client_config(&kafka, ClientKind::Producer).create()?;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let message = message?;
+                let mut record: BaseRecord<'_, [u8], [u8]> =
+                    BaseRecord::to(&output).payload(message.payload().unwrap_or_default());
+                if let Some(key) = message.key() {
+                    record = record.key(key);
+                }
+                if let Some(headers) = message.headers() {
+                    record = record.headers(headers.detach());
+                }
+                while let Err((error, returned)) = producer.send(record) {
+                    anyhow::ensure!(
+                        matches!(
+                            error,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "raw copy produce: {error}"
+                    );
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            producer.flush(Duration::from_secs(30))?;
+            Ok(())
+        })
+    };
+    let done = watcher.wait_for(n, Duration::from_secs(1800))?;
+    stop.store(true, Ordering::Relaxed);
+    copier
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw copy thread panicked"))??;
+    let done = done.ok_or_else(|| anyhow::anyhow!("raw copy did not finish"))?;
+    let seconds = (done - started).as_secs_f64();
+    let cpu = cpu_before
+        .zip(cpu_seconds(std::process::id()))
+        .map(|(a, b)| b - a);
+    Ok(BenchResult {
+        bench: "dispatch".into(),
+        variant: "baseline: raw rdkafka copy".into(),
+        records: n,
+        seconds,
+        records_per_second: n as f64 / seconds,
+        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
+        peak_rss_mib: None,
+        ratio_to_baseline: Some(1.0),
+        latency_ms: None,
+    })
+}
+
+/// Starts the real `eventpipe dispatch` binary as a child process.
+fn spawn_dispatcher(
+    settings: &Settings,
+    input: &str,
+    routes: &PathBuf,
+    group: &str,
+    exactly_once: bool,
+) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args([
+            "--bootstrap-servers",
+            &settings.kafka.bootstrap_servers,
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
+        .args(["dispatch", "--input-topics", input, "--routes-file"])
+        .arg(routes)
+        .args([
+            "--group-id",
+            group,
+            "--transactional-id",
+            &format!("{group}-tx"),
+        ])
+        .args([
+            "--exactly-once",
+            if exactly_once { "true" } else { "false" },
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok(child)
+}
+
+fn stop_dispatcher(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Dispatches the whole backlog; done when every input offset is committed (exactly once: the
+/// transactions committed) or, at least once, when all outputs were written.
+#[allow(clippy::too_many_arguments)]
+fn dispatcher_run(
+    settings: &Settings,
+    input: &str,
+    routes: &PathBuf,
+    group: &str,
+    exactly_once: bool,
+    output: &str,
+    partitions: i32,
+    n: u64,
+) -> anyhow::Result<BenchResult> {
+    let started = Instant::now();
+    let child = spawn_dispatcher(settings, input, routes, group, exactly_once)?;
+    let pid = child.id();
+    let done = if exactly_once {
+        wait_for_committed(
+            settings,
+            group,
+            input,
+            partitions,
+            n,
+            Duration::from_secs(1800),
+        )?
+    } else {
+        TopicWatcher::new(&settings.kafka, output, partitions)?
+            .wait_for(n, Duration::from_secs(1800))?
+    };
+    let cpu = cpu_seconds(pid);
+    let rss = peak_rss_mib(pid);
+    stop_dispatcher(child);
+    let done = done.ok_or_else(|| anyhow::anyhow!("dispatcher did not finish the backlog"))?;
+    let seconds = (done - started).as_secs_f64();
+    Ok(BenchResult {
+        bench: "dispatch".into(),
+        variant: if exactly_once {
+            "eventpipe dispatch, exactly once"
+        } else {
+            "eventpipe dispatch, at least once"
+        }
+        .into(),
+        records: n,
+        seconds,
+        records_per_second: n as f64 / seconds,
+        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
+        peak_rss_mib: rss,
+        ratio_to_baseline: None,
+        latency_ms: None,
+    })
+}
+
+/// Waits until `group` has committed offsets summing to `n` on `topic`.
+fn wait_for_committed(
+    settings: &Settings,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<Option<Instant>> {
+    let mut kafka = settings.kafka.clone();
+    kafka.properties.insert("group.id".into(), group.into());
+    let consumer: BaseConsumer<PipelineContext> =
+        create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..partitions {
+        tpl.add_partition(topic, partition);
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
+        let total: i64 = committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum();
+        // Transaction markers take offsets too, so committed positions can pass `n`.
+        if total as u64 >= n {
+            return Ok(Some(Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(None)
+}
+
+/// Produces at a fixed rate through a running dispatcher and measures producer-timestamp to
+/// arrival latency at the output topic.
+async fn latency_run(
+    settings: &Settings,
+    base: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<BenchResult> {
+    let input = format!("{base}-lat{rate}-in");
+    let output = format!("{base}-lat{rate}-out");
+    let routes = routes_file(&format!("{base}-lat{rate}"), &output)?;
+    let group = format!("{base}-lat{rate}-group");
+    let child = spawn_dispatcher(settings, &input, &routes, &group, false)?;
+    let pid = child.id();
+
+    let mut reader_settings = settings.kafka.clone();
+    reader_settings
+        .properties
+        .insert("group.id".into(), format!("{group}-reader"));
+    reader_settings
+        .properties
+        .insert("fetch.wait.max.ms".into(), "5".into());
+    let reader: StreamConsumer<PipelineContext> = create_client(
+        &reader_settings,
+        ClientKind::Consumer,
+        PipelineContext::default(),
+    )?;
+    reader.subscribe(&[&output])?;
+    // Warm-up: both consumers join their groups before the clock starts.
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader.recv()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let total = rate * seconds;
+    let mut producer_settings = settings.kafka.clone();
+    producer_settings
+        .properties
+        .insert("linger.ms".into(), "1".into());
+    let producer: rdkafka::producer::FutureProducer<PipelineContext> = create_client(
+        &producer_settings,
+        ClientKind::Producer,
+        PipelineContext::default(),
+    )?;
+    let sending = tokio::spawn(async move {
+        let mut generator = Generator::new(TrafficKind::Envelopes, 7, 10_000, 1, Some(input));
+        let mut pacer = Pacer::new(rate);
+        let mut ticker = tokio::time::interval(PACER_TICK);
+        let mut sent = 0;
+        while sent < total {
+            ticker.tick().await;
+            for _ in 0..pacer.next_batch().min(total - sent) {
+                let record = generator.next_record(chrono::Utc::now());
+                let _ = producer.send_result(
+                    rdkafka::producer::FutureRecord::to(&record.topic)
+                        .key(record.key.as_bytes())
+                        .payload(record.value.as_slice()),
+                );
+                sent += 1;
+            }
+        }
+        producer.flush(Duration::from_secs(30))
+    });
+
+    let mut samples = Vec::with_capacity(total as usize);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds + 30);
+    while (samples.len() as u64) < total {
+        let Ok(Ok(message)) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let arrived = chrono::Utc::now();
+        let Some(sent) = message
+            .payload()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .and_then(|v| v["source"]["timestamp"].as_str().and_then(parse_timestamp))
+        else {
+            continue;
+        };
+        samples.push((arrived - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+    }
+    sending.await??;
+    let cpu = cpu_seconds(pid);
+    let rss = peak_rss_mib(pid);
+    stop_dispatcher(child);
+    let received = samples.len() as u64;
+    Ok(BenchResult {
+        bench: "dispatch".into(),
+        variant: format!("latency at {rate}/s ({received}/{total} seen)"),
+        records: received,
+        seconds: seconds as f64,
+        records_per_second: received as f64 / seconds as f64,
+        cpu_seconds_per_million: cpu.map(|c| c / total.max(1) as f64 * 1e6),
+        peak_rss_mib: rss,
+        ratio_to_baseline: None,
+        latency_ms: Percentiles::of(&mut samples),
+    })
+}

@@ -1,0 +1,184 @@
+//! Measurement helpers for benchmarks: process CPU time and peak memory from /proc, watermark
+//! polling to know when a topic has received N records, and the result line format.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use crate::config::KafkaSettings;
+use crate::kafka::client::create_client;
+use crate::kafka::{ClientKind, KafkaError, PipelineContext};
+
+/// One benchmark result: printed as a table row and as a JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub bench: String,
+    pub variant: String,
+    pub records: u64,
+    pub seconds: f64,
+    pub records_per_second: f64,
+    /// CPU seconds (user + system) of the measured process per million records.
+    pub cpu_seconds_per_million: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    /// This variant's throughput divided by the baseline's, measured in the same run.
+    pub ratio_to_baseline: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Percentiles>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Exact percentiles (nearest rank) of the samples, in the samples' unit.
+    pub fn of(samples: &mut [f64]) -> Option<Percentiles> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            samples[(((samples.len() as f64) * q).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
+        Some(Percentiles {
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+/// Prints the results as a table, then one JSON line each.
+pub fn report(results: &[BenchResult]) {
+    println!(
+        "{:<10} {:<34} {:>10} {:>8} {:>11} {:>9} {:>9} {:>7} {:>28}",
+        "BENCH",
+        "VARIANT",
+        "RECORDS",
+        "SECONDS",
+        "RECORDS/S",
+        "CPU-S/M",
+        "RSS-MiB",
+        "RATIO",
+        "LATENCY ms p50/p90/p99/max"
+    );
+    for r in results {
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let latency = r.latency_ms.as_ref().map_or("-".to_string(), |l| {
+            format!("{:.1}/{:.1}/{:.1}/{:.1}", l.p50, l.p90, l.p99, l.max)
+        });
+        println!(
+            "{:<10} {:<34} {:>10} {:>8.2} {:>11.0} {:>9} {:>9} {:>7} {:>28}",
+            r.bench,
+            r.variant,
+            r.records,
+            r.seconds,
+            r.records_per_second,
+            opt(r.cpu_seconds_per_million, 2),
+            opt(r.peak_rss_mib, 1),
+            opt(r.ratio_to_baseline, 3),
+            latency
+        );
+    }
+    for r in results {
+        println!("{}", serde_json::to_string(r).expect("results serialize"));
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // Linux has used USER_HZ = 100 on every mainstream architecture for decades.
+    100.0
+}
+
+/// Peak resident memory (VmHWM) of a process in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Watches a topic's high watermarks (the number of records written, for a fresh topic).
+pub struct TopicWatcher {
+    consumer: BaseConsumer<PipelineContext>,
+    topic: String,
+    partitions: i32,
+}
+
+impl TopicWatcher {
+    pub fn new(settings: &KafkaSettings, topic: &str, partitions: i32) -> Result<Self, KafkaError> {
+        let mut kafka = settings.clone();
+        kafka
+            .properties
+            .insert("group.id".into(), "eventpipe-bench-watcher".into());
+        Ok(TopicWatcher {
+            consumer: create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?,
+            topic: topic.to_string(),
+            partitions,
+        })
+    }
+
+    /// Records written to the topic so far (sum of high watermarks).
+    pub fn written(&self) -> Result<u64, KafkaError> {
+        let mut total = 0;
+        for partition in 0..self.partitions {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+                .map_err(KafkaError::Client)?;
+            total += high.max(0) as u64;
+        }
+        Ok(total)
+    }
+
+    /// Blocks until `target` records were written or `timeout` passes; returns when it reached it.
+    pub fn wait_for(&self, target: u64, timeout: Duration) -> Result<Option<Instant>, KafkaError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.written()? >= target {
+                return Ok(Some(Instant::now()));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let p = Percentiles::of(&mut samples).unwrap();
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        assert!(Percentiles::of(&mut []).is_none());
+    }
+
+    #[test]
+    fn reads_this_process_cpu_and_memory() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        assert!(peak_rss_mib(pid).unwrap() > 1.0);
+    }
+}
