@@ -2,6 +2,7 @@
 //! through the handler registry, and emits enriched envelopes, at least once, with dead letters.
 
 pub mod handlers;
+pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod routes;

@@ -17,6 +17,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::{DeliveryMetrics, LoopMetrics};
 use super::transform::{Disposition, InputRecord, OutputRecord, Transformer};
 use crate::config::{InputTopics, KafkaSettings};
 use crate::envelope::now_timestamp;
@@ -107,6 +108,7 @@ impl Shared {
 struct DeliveryContext {
     log: PipelineContext,
     shared: Arc<Shared>,
+    metrics: DeliveryMetrics,
 }
 
 impl ClientContext for DeliveryContext {
@@ -125,11 +127,9 @@ impl ProducerContext for DeliveryContext {
         match result {
             Ok(message) => {
                 self.shared.tracker().ack(&token.partition, token.offset);
-                metrics::counter!("eventpipe_dispatch_produced_total", "topic" => message.topic().to_string()).increment(1);
+                self.metrics.produced(message.topic());
                 if let Some(ms) = token.input_timestamp_ms {
-                    let now = chrono::Utc::now().timestamp_millis();
-                    metrics::histogram!("eventpipe_dispatch_end_to_end_seconds")
-                        .record((now - ms).max(0) as f64 / 1000.0);
+                    self.metrics.end_to_end(ms);
                 }
             }
             Err((error, message)) if token.dead_letter => {
@@ -246,6 +246,7 @@ pub async fn run(
     let producer: Arc<ThreadedProducer<DeliveryContext>> = Arc::new(
         client_config(kafka, ClientKind::Producer)
             .create_with_context(DeliveryContext {
+                metrics: DeliveryMetrics::default(),
                 log: log.clone(),
                 shared: shared.clone(),
             })
@@ -289,6 +290,7 @@ pub async fn run(
     tracing::info!(inputs = ?subscription, group_id, actions = ?transformer.router.actions(), "dispatching");
 
     let mut summary = DispatchSummary::default();
+    let mut loop_metrics = LoopMetrics::default();
     let mut stored: BTreeMap<PartitionId, i64> = BTreeMap::new();
     let mut topic_ids: BTreeMap<String, Arc<str>> = BTreeMap::new();
     let mut store_tick = tokio::time::interval(STORE_INTERVAL);
@@ -318,7 +320,7 @@ pub async fn run(
                     .entry(message.topic().to_string())
                     .or_insert_with(|| message.topic().into())
                     .clone();
-                process(&message, topic_id, &transformer, &shared, &producer, &mut summary).await;
+                process(&message, topic_id, &transformer, &shared, &producer, &mut summary, &mut loop_metrics).await;
             }
         }
     };
@@ -364,10 +366,10 @@ pub(super) fn transform_message(
     topic_id: &Arc<str>,
     transformer: &Transformer,
     summary: &mut DispatchSummary,
+    metrics: &mut LoopMetrics,
 ) -> (Vec<OutputRecord>, bool) {
     summary.consumed += 1;
-    metrics::counter!("eventpipe_dispatch_consumed_total", "topic" => topic_id.to_string())
-        .increment(1);
+    metrics.consumed(topic_id);
     let headers: Vec<(&str, &[u8])> = message
         .headers()
         .map(|h| {
@@ -388,8 +390,7 @@ pub(super) fn transform_message(
     let started = Instant::now();
     match transformer.transform(&input, &now_timestamp()) {
         Disposition::Routed { action, outputs } => {
-            metrics::histogram!("eventpipe_dispatch_handler_seconds", "action" => action)
-                .record(started.elapsed().as_secs_f64());
+            metrics.handler_seconds(&action, started.elapsed().as_secs_f64());
             summary.routed += 1;
             (outputs, false)
         }
@@ -401,8 +402,7 @@ pub(super) fn transform_message(
                 offset = input.offset,
                 "dead-lettering"
             );
-            metrics::counter!("eventpipe_dispatch_dead_lettered_total", "topic" => topic_id.to_string(), "kind" => kind)
-                .increment(1);
+            metrics.dead_lettered(topic_id, kind);
             summary.dead_lettered += 1;
             (vec![record], true)
         }
@@ -416,8 +416,10 @@ async fn process(
     shared: &Shared,
     producer: &ThreadedProducer<DeliveryContext>,
     summary: &mut DispatchSummary,
+    metrics: &mut LoopMetrics,
 ) {
-    let (outputs, dead_letter) = transform_message(message, &topic_id, transformer, summary);
+    let (outputs, dead_letter) =
+        transform_message(message, &topic_id, transformer, summary, metrics);
     let partition = PartitionId {
         topic: topic_id,
         partition: message.partition(),

@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::LoopMetrics;
 use super::pipeline::{base_record, transform_message, DispatchError, DispatchSummary};
 use super::transform::Transformer;
 use crate::config::{InputTopics, KafkaSettings};
@@ -129,6 +130,7 @@ pub async fn run(
     tracing::info!(inputs = ?subscription, group_id, transactional_id, "dispatching exactly once");
 
     let mut summary = DispatchSummary::default();
+    let mut loop_metrics = LoopMetrics::default();
     let mut topic_ids: BTreeMap<String, Arc<str>> = BTreeMap::new();
     while !shutdown.is_cancelled() {
         // Wait for the first input before opening a transaction: idle time costs nothing.
@@ -158,8 +160,13 @@ pub async fn run(
                 .entry(current.topic().to_string())
                 .or_insert_with(|| current.topic().into())
                 .clone();
-            let (outputs, _) =
-                transform_message(&current, &topic_id, &transformer, &mut batch_summary);
+            let (outputs, _) = transform_message(
+                &current,
+                &topic_id,
+                &transformer,
+                &mut batch_summary,
+                &mut loop_metrics,
+            );
             for output in &outputs {
                 if let Err(error) = send(&producer, base_record(output, ())).await {
                     produce_error = Some(error);

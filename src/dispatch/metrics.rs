@@ -1,0 +1,79 @@
+//! The dispatcher's hot-path metric handles, looked up once per label value and reused, so a
+//! record costs an atomic add instead of a registry lookup and a label allocation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Histogram};
+
+/// Per-loop handles (owned by the consume loop, no locking).
+#[derive(Default)]
+pub struct LoopMetrics {
+    consumed: HashMap<Arc<str>, Counter>,
+    handler_seconds: HashMap<String, Histogram>,
+    dead_lettered: HashMap<(Arc<str>, &'static str), Counter>,
+}
+
+impl LoopMetrics {
+    pub fn consumed(&mut self, topic: &Arc<str>) {
+        self.consumed
+            .entry(topic.clone())
+            .or_insert_with(|| metrics::counter!("eventpipe_dispatch_consumed_total", "topic" => topic.to_string()))
+            .increment(1);
+    }
+
+    pub fn handler_seconds(&mut self, action: &str, seconds: f64) {
+        if let Some(histogram) = self.handler_seconds.get(action) {
+            histogram.record(seconds);
+            return;
+        }
+        let histogram = metrics::histogram!("eventpipe_dispatch_handler_seconds", "action" => action.to_string());
+        histogram.record(seconds);
+        self.handler_seconds.insert(action.to_string(), histogram);
+    }
+
+    pub fn dead_lettered(&mut self, topic: &Arc<str>, kind: &'static str) {
+        self.dead_lettered
+            .entry((topic.clone(), kind))
+            .or_insert_with(|| {
+                metrics::counter!("eventpipe_dispatch_dead_lettered_total", "topic" => topic.to_string(), "kind" => kind)
+            })
+            .increment(1);
+    }
+}
+
+/// Handles used from the producer's delivery-report thread.
+pub struct DeliveryMetrics {
+    produced: Mutex<HashMap<String, Counter>>,
+    end_to_end_seconds: Histogram,
+}
+
+impl Default for DeliveryMetrics {
+    fn default() -> Self {
+        DeliveryMetrics {
+            produced: Mutex::new(HashMap::new()),
+            end_to_end_seconds: metrics::histogram!("eventpipe_dispatch_end_to_end_seconds"),
+        }
+    }
+}
+
+impl DeliveryMetrics {
+    pub fn produced(&self, topic: &str) {
+        let mut produced = self.produced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counter) = produced.get(topic) {
+            counter.increment(1);
+            return;
+        }
+        let counter =
+            metrics::counter!("eventpipe_dispatch_produced_total", "topic" => topic.to_string());
+        counter.increment(1);
+        produced.insert(topic.to_string(), counter);
+    }
+
+    /// Time from the input record's timestamp to its output's acknowledgement.
+    pub fn end_to_end(&self, input_timestamp_ms: i64) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.end_to_end_seconds
+            .record((now - input_timestamp_ms).max(0) as f64 / 1000.0);
+    }
+}
