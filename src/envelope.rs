@@ -1,8 +1,11 @@
 //! The envelope services publish: `{service, action, payload: {message, timestamp, data}}`.
 //! Decoding validates every field and says precisely what is wrong, for the dead-letter reason.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Records larger than this are refused before parsing (a runaway producer must not cost memory).
@@ -43,6 +46,10 @@ pub enum DecodeError {
     },
     #[error("field `action` is empty")]
     EmptyAction,
+    /// A field-level defect found by the typed (zero-copy) decoder; `kind` is one of
+    /// `missing_field` or `wrong_type`, `reason` serde's description with its position.
+    #[error("{reason}")]
+    Schema { kind: &'static str, reason: String },
 }
 
 impl DecodeError {
@@ -54,6 +61,7 @@ impl DecodeError {
             DecodeError::MissingField(_) => "missing_field",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::EmptyAction => "empty_action",
+            DecodeError::Schema { kind, .. } => kind,
         }
     }
 }
@@ -97,6 +105,69 @@ impl Envelope {
                 data,
             },
         })
+    }
+}
+
+/// A borrowed view of an envelope for the hot path: strings point into the record where they
+/// need no unescaping, and `data` stays raw JSON, copied through without being parsed.
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeRef<'a> {
+    #[serde(borrow)]
+    pub service: Cow<'a, str>,
+    #[serde(borrow)]
+    pub action: Cow<'a, str>,
+    #[serde(borrow)]
+    pub payload: PayloadRef<'a>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PayloadRef<'a> {
+    #[serde(borrow)]
+    pub message: Cow<'a, str>,
+    #[serde(borrow)]
+    pub timestamp: Cow<'a, str>,
+    /// `None` when absent or null.
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+}
+
+impl<'a> EnvelopeRef<'a> {
+    /// Validates raw record bytes like `Envelope::decode`, without building a JSON tree.
+    pub fn decode(bytes: &'a [u8], max_bytes: usize) -> Result<EnvelopeRef<'a>, DecodeError> {
+        if bytes.len() > max_bytes {
+            return Err(DecodeError::Oversized {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8(e.to_string()))?;
+        let envelope: EnvelopeRef<'a> = serde_json::from_str(text).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => {
+                    let reason = e.to_string();
+                    let kind = if reason.starts_with("missing field") {
+                        "missing_field"
+                    } else {
+                        "wrong_type"
+                    };
+                    DecodeError::Schema { kind, reason }
+                }
+                _ => DecodeError::MalformedJson(e.to_string()),
+            }
+        })?;
+        if envelope.action.trim().is_empty() {
+            return Err(DecodeError::EmptyAction);
+        }
+        Ok(envelope)
+    }
+
+    /// `payload.data` as a JSON tree (Null when absent), for handlers that edit fields.
+    pub fn data_value(&self) -> Value {
+        self.payload
+            .data
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -203,6 +274,37 @@ mod tests {
         }
         let err = Envelope::decode(GOOD.as_bytes(), 10).unwrap_err();
         assert_eq!(err.kind(), "oversized");
+    }
+
+    #[test]
+    fn the_borrowed_view_agrees_with_the_owned_decoder() {
+        let cases: &[&[u8]] = &[
+            GOOD.as_bytes(),
+            b"{not json",
+            b"\xff\xfe",
+            b"[1,2]",
+            br#"{"action":"a","payload":{"message":"m","timestamp":"t"}}"#,
+            br#"{"service":1,"action":"a","payload":{"message":"m","timestamp":"t"}}"#,
+            br#"{"service":"s","action":" ","payload":{"message":"m","timestamp":"t"}}"#,
+            br#"{"service":"s","action":"a","payload":"x"}"#,
+            br#"{"service":"s","action":"a","payload":{"message":"m"}}"#,
+            br#"{"service":"s","action":"a","payload":{"message":"m\n\u00e9","timestamp":"t","data":null}}"#,
+        ];
+        for bytes in cases {
+            let owned = Envelope::decode(bytes, DEFAULT_MAX_ENVELOPE_BYTES);
+            let borrowed = EnvelopeRef::decode(bytes, DEFAULT_MAX_ENVELOPE_BYTES);
+            match (owned, borrowed) {
+                (Ok(o), Ok(b)) => {
+                    assert_eq!(o.service, b.service);
+                    assert_eq!(o.action, b.action);
+                    assert_eq!(o.payload.message, b.payload.message);
+                    assert_eq!(o.payload.timestamp, b.payload.timestamp);
+                    assert_eq!(o.payload.data, b.data_value());
+                }
+                (Err(o), Err(b)) => assert_eq!(o.kind(), b.kind(), "{o} / {b}"),
+                (o, b) => panic!("decoders disagree: {o:?} / {b:?}"),
+            }
+        }
     }
 
     #[test]

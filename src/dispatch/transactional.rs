@@ -24,7 +24,7 @@ use crate::telemetry::Readiness;
 
 /// A transaction closes after this many inputs or this much time, whichever comes first:
 /// larger batches amortise the commit, smaller ones bound latency and re-work after an abort.
-const MAX_BATCH: usize = 2_000;
+const MAX_BATCH: usize = 10_000;
 const MAX_BATCH_TIME: Duration = Duration::from_millis(100);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 

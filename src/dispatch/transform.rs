@@ -1,11 +1,14 @@
 //! The pure per-record step of the dispatcher: raw record in, output records (or one dead-letter
 //! record) out. No I/O here, so every routing and bad-input rule is unit-tested without a broker.
 
-use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::sync::Arc;
 
-use super::registry::{Inbound, Router};
+use serde::Serialize;
+
+use super::registry::{Inbound, OutData, Router};
 use crate::dead_letter::{self, SourcePosition};
-use crate::envelope::Envelope;
+use crate::envelope::EnvelopeRef;
 
 /// A consumed record as the transform needs it.
 pub struct InputRecord<'a> {
@@ -21,10 +24,38 @@ pub struct InputRecord<'a> {
 /// A record to produce.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputRecord {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<(Cow<'static, str>, Vec<u8>)>,
+}
+
+/// The output envelope, serialized straight from borrowed parts (no intermediate JSON tree).
+#[derive(Serialize)]
+struct OutputEnvelope<'a> {
+    service: &'a str,
+    action: &'a str,
+    payload: OutputPayload<'a>,
+    /// Enough for a Kibana user to follow the event back to its input record.
+    source: Source<'a>,
+}
+
+#[derive(Serialize)]
+struct OutputPayload<'a> {
+    message: &'a str,
+    timestamp: &'a str,
+    data: &'a OutData<'a>,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    service: &'a str,
+    action: &'a str,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    timestamp: &'a str,
+    key: Option<&'a str>,
 }
 
 /// What became of one input.
@@ -52,7 +83,7 @@ pub struct Transformer {
 impl Transformer {
     /// Decodes, routes and builds the outputs of one record; `now` is the outputs' timestamp.
     pub fn transform(&self, input: &InputRecord<'_>, now: &str) -> Disposition {
-        let envelope = match Envelope::decode(input.payload, self.max_envelope_bytes) {
+        let envelope = match EnvelopeRef::decode(input.payload, self.max_envelope_bytes) {
             Ok(envelope) => envelope,
             Err(error) => return self.dead_letter(input, error.kind(), &error.to_string()),
         };
@@ -73,43 +104,61 @@ impl Transformer {
             Ok(outbound) => outbound,
             Err(error) => return self.dead_letter(input, "handler_error", &error.0),
         };
-        let key_text = input.key.map(|k| String::from_utf8_lossy(k).into_owned());
+        let key_text = input.key.map(String::from_utf8_lossy);
+        let partition_text = input.partition.to_string();
+        let offset_text = input.offset.to_string();
         let outputs = outbound
             .into_iter()
             .map(|out| {
-                let body = json!({
-                    "service": self.service,
-                    "action": out.action,
-                    "payload": {"message": out.message, "timestamp": now, "data": out.data},
-                    // Enough for a Kibana user to follow the event back to its input record.
-                    "source": {
-                        "service": envelope.service,
-                        "action": envelope.action,
-                        "topic": input.topic,
-                        "partition": input.partition,
-                        "offset": input.offset,
-                        "timestamp": envelope.payload.timestamp,
-                        "key": key_text.as_deref().map_or(Value::Null, |k| Value::String(k.to_string())),
+                let body = OutputEnvelope {
+                    service: &self.service,
+                    action: &out.action,
+                    payload: OutputPayload {
+                        message: &out.message,
+                        timestamp: now,
+                        data: &out.data,
                     },
-                });
+                    source: Source {
+                        service: &envelope.service,
+                        action: &envelope.action,
+                        topic: input.topic,
+                        partition: input.partition,
+                        offset: input.offset,
+                        timestamp: &envelope.payload.timestamp,
+                        key: key_text.as_deref(),
+                    },
+                };
+                let value = serde_json::to_vec(&body).expect("output envelopes always serialize");
                 let headers = vec![
-                    ("service".to_string(), self.service.clone().into_bytes()),
-                    ("action".to_string(), out.action.into_bytes()),
-                    ("source.service".to_string(), envelope.service.clone().into_bytes()),
-                    (dead_letter::HEADER_SOURCE_TOPIC.to_string(), input.topic.as_bytes().to_vec()),
-                    (dead_letter::HEADER_SOURCE_PARTITION.to_string(), input.partition.to_string().into_bytes()),
-                    (dead_letter::HEADER_SOURCE_OFFSET.to_string(), input.offset.to_string().into_bytes()),
+                    (Cow::Borrowed("service"), self.service.as_bytes().to_vec()),
+                    (Cow::Borrowed("action"), out.action.as_bytes().to_vec()),
+                    (
+                        Cow::Borrowed("source.service"),
+                        envelope.service.as_bytes().to_vec(),
+                    ),
+                    (
+                        Cow::Borrowed(dead_letter::HEADER_SOURCE_TOPIC),
+                        input.topic.as_bytes().to_vec(),
+                    ),
+                    (
+                        Cow::Borrowed(dead_letter::HEADER_SOURCE_PARTITION),
+                        partition_text.as_bytes().to_vec(),
+                    ),
+                    (
+                        Cow::Borrowed(dead_letter::HEADER_SOURCE_OFFSET),
+                        offset_text.as_bytes().to_vec(),
+                    ),
                 ];
                 OutputRecord {
                     topic: out.topic,
                     key: input.key.map(<[u8]>::to_vec),
-                    value: serde_json::to_vec(&body).expect("a json! value always serializes"),
+                    value,
                     headers,
                 }
             })
             .collect();
         Disposition::Routed {
-            action: envelope.action,
+            action: envelope.action.into_owned(),
             outputs,
         }
     }
@@ -126,20 +175,20 @@ impl Transformer {
             offset: input.offset,
             timestamp_ms: input.timestamp_ms,
         };
-        let mut headers: Vec<(String, Vec<u8>)> = input
+        let mut headers: Vec<(Cow<'static, str>, Vec<u8>)> = input
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .map(|(k, v)| (Cow::Owned(k.to_string()), v.to_vec()))
             .collect();
         headers.extend(
             dead_letter::headers("dispatch", kind, reason, &source)
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into_bytes())),
+                .map(|(k, v)| (Cow::Borrowed(k), v.into_bytes())),
         );
         Disposition::DeadLetter {
             kind,
             record: OutputRecord {
-                topic: dead_letter::dead_letter_topic(input.topic, &self.dead_letter_suffix),
+                topic: dead_letter::dead_letter_topic(input.topic, &self.dead_letter_suffix).into(),
                 key: input.key.map(<[u8]>::to_vec),
                 value: input.payload.to_vec(),
                 headers,
@@ -153,6 +202,7 @@ mod tests {
     use super::*;
     use crate::dispatch::registry::HandlerRegistry;
     use crate::dispatch::routes;
+    use serde_json::Value;
 
     fn transformer() -> Transformer {
         let routes = routes::load(std::path::Path::new(concat!(
@@ -219,7 +269,7 @@ mod tests {
             };
             assert_eq!(outputs.len(), expected.len());
             for (output, (out_topic, message)) in outputs.iter().zip(expected) {
-                assert_eq!(output.topic, out_topic);
+                assert_eq!(&*output.topic, out_topic);
                 assert_eq!(
                     output.key.as_deref(),
                     Some(&b"42"[..]),
@@ -263,7 +313,7 @@ mod tests {
             match t.transform(&input("task_in", &payload), "NOW") {
                 Disposition::DeadLetter { kind, record } => {
                     assert_eq!(kind, expected_kind);
-                    assert_eq!(record.topic, "task_in.dlq");
+                    assert_eq!(&*record.topic, "task_in.dlq");
                     assert_eq!(record.value, payload, "original bytes kept");
                     assert_eq!(record.key.as_deref(), Some(&b"42"[..]));
                     assert_eq!(header(&record, "eventpipe.error.kind"), expected_kind);
