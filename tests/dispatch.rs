@@ -475,3 +475,79 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test]
+async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_or_duplicates() {
+    let settings = common::settings();
+    let f = Fixture::new(6).await;
+    let total = 40_000u64;
+    let records: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|seq| {
+            (
+                (seq % 500).to_string(),
+                envelope("create_user", seq % 500, seq),
+            )
+        })
+        .collect();
+
+    let first = f.start(&[]);
+    let second = f.start(&[]);
+    for stage in [&first, &second] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while stage.ready_status().await != Some(200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready: {}",
+                stage.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Let the group settle so both own partitions, then send traffic while both run.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    common::produce_all(&settings, &f.create, &records[..20_000]).await;
+    let halfway = common::consume(&settings, &f.info, 20_000, Duration::from_secs(60)).await;
+    assert_eq!(halfway.len(), 20_000);
+    // The first leaves while the rest of the traffic arrives: its partitions move mid-stream.
+    let sending = tokio::spawn({
+        let settings = settings.clone();
+        let topic = f.create.clone();
+        let rest = records[20_000..].to_vec();
+        async move { common::produce_all(&settings, &topic, &rest).await }
+    });
+    let (status, first_log) = first.terminate();
+    assert!(status.success(), "{first_log}");
+    sending.await.unwrap();
+
+    let outputs =
+        common::consume(&settings, &f.info, total as usize, Duration::from_secs(120)).await;
+    let extra = common::consume_until_quiet(&settings, &f.info, Duration::from_secs(3)).await;
+    let (status, second_log) = second.terminate();
+    assert!(status.success(), "{second_log}");
+    let consumed_by = |log: &str| -> u64 {
+        log.lines()
+            .find_map(|l| l.strip_prefix("dispatch stopped: consumed "))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no summary in {log}"))
+    };
+    let (by_first, by_second) = (consumed_by(&first_log), consumed_by(&second_log));
+    assert!(
+        by_first > 0 && by_second > 0,
+        "both instances worked: {by_first} / {by_second}"
+    );
+
+    assert_eq!(
+        extra.len(),
+        outputs.len(),
+        "re-reading the topic finds nothing more"
+    );
+    let distinct: HashSet<u64> = seqs(&outputs).into_iter().map(|(_, seq)| seq).collect();
+    assert_eq!(distinct.len() as u64, total, "every event arrived");
+    assert_eq!(
+        outputs.len() as u64,
+        total,
+        "a graceful leave commits after draining: no duplicates"
+    );
+    assert_eq!(by_first + by_second, total);
+}
