@@ -77,3 +77,47 @@ impl DeliveryMetrics {
             .record((now - input_timestamp_ms).max(0) as f64 / 1000.0);
     }
 }
+
+/// Registers help text (and units) for every dispatcher metric, so /metrics is self-describing
+/// and passes `promtool check metrics`.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "eventpipe_dispatch_consumed_total",
+        "Input records consumed, by topic."
+    );
+    describe_counter!(
+        "eventpipe_dispatch_produced_total",
+        "Output records acknowledged by Kafka, by output topic (dead letters included)."
+    );
+    describe_counter!(
+        "eventpipe_dispatch_dead_lettered_total",
+        "Input records sent to the dead-letter topic, by input topic and error kind."
+    );
+    describe_counter!(
+        "eventpipe_dispatch_dead_letter_retries_total",
+        "Dead-letter writes that failed and were retried."
+    );
+    describe_counter!(
+        "eventpipe_dispatch_transactions_total",
+        "Exactly-once mode: transactions by outcome (committed, aborted)."
+    );
+    describe_gauge!(
+        "eventpipe_dispatch_consumer_lag_messages",
+        "Records between the consumer position and the high watermark, per owned partition."
+    );
+    describe_gauge!(
+        "eventpipe_dispatch_in_flight_inputs",
+        "Inputs whose outputs are not all acknowledged yet."
+    );
+    describe_histogram!(
+        "eventpipe_dispatch_handler_seconds",
+        Unit::Seconds,
+        "Time to decode, route and build the outputs of one input, by action."
+    );
+    describe_histogram!(
+        "eventpipe_dispatch_end_to_end_seconds",
+        Unit::Seconds,
+        "Time from the input record's timestamp to its output's acknowledgement."
+    );
+}

@@ -29,6 +29,7 @@ pub async fn run(
         path: settings.routes_file.clone(),
         reason,
     };
+    metrics::describe();
     let routes = routes::load(&settings.routes_file).map_err(|e| invalid_routes(e.reason))?;
     let router = registry.build(&routes).map_err(invalid_routes)?;
     let transformer = Transformer {
