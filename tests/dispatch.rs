@@ -195,7 +195,7 @@ async fn builtin_actions_arrive_with_the_right_fields_exactly_once_across_a_rest
     let consumed =
         common::metric_value(&metrics, "eventpipe_dispatch_consumed_total", &[&f.task]).unwrap();
     assert_eq!(consumed, per_action as f64, "{metrics}");
-    assert_promtool_accepts(&metrics);
+    common::assert_promtool_accepts(&metrics);
     assert_eq!(stage.ready_status().await, Some(200));
     let (status, log) = stage.terminate();
     assert!(status.success(), "graceful exit: {log}");
@@ -551,29 +551,4 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
         "a graceful leave commits after draining: no duplicates"
     );
     assert_eq!(by_first + by_second, total);
-}
-
-/// `promtool check metrics` (installed with the stack's Prometheus) lints the exposition.
-fn assert_promtool_accepts(metrics: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by scripts/stack");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
