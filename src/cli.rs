@@ -123,6 +123,9 @@ pub enum BenchCommand {
         /// Skip the exactly-once variant.
         #[arg(long)]
         no_exactly_once: bool,
+        /// A Python with confluent-kafka, to also run the services-style reference dispatcher.
+        #[arg(long, env = "EVENTPIPE_BENCH_PYTHON")]
+        python: Option<PathBuf>,
     },
 }
 
@@ -291,6 +294,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     latency_rates,
                     latency_seconds,
                     no_exactly_once,
+                    python,
                 },
         } => {
             let results = crate::bench::dispatch::run(
@@ -301,6 +305,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     latency_rates,
                     latency_seconds,
                     exactly_once: !no_exactly_once,
+                    python,
                 },
             )
             .await?;

@@ -29,6 +29,8 @@ pub struct DispatchBenchOptions {
     pub latency_rates: Vec<u64>,
     pub latency_seconds: u64,
     pub exactly_once: bool,
+    /// A Python with confluent-kafka: also run bench/reference_dispatcher.py as a baseline.
+    pub python: Option<PathBuf>,
 }
 
 /// Runs every dispatch workload and returns the results (baselines first).
@@ -44,6 +46,7 @@ pub async fn run(
         (format!("{base}-out"), options.partitions),
         (format!("{base}-copy"), options.partitions),
         (format!("{base}-out-eos"), options.partitions),
+        (format!("{base}-py-out"), options.partitions),
     ];
     for rate in &options.latency_rates {
         topics.push((format!("{base}-lat{rate}-in"), options.partitions));
@@ -121,6 +124,20 @@ async fn run_workloads(
     )?;
     dispatched.ratio_to_baseline = Some(dispatched.records_per_second / baseline_rate);
     results.push(dispatched);
+
+    if let Some(python) = &options.python {
+        eprintln!("baseline: the services' Python dispatcher (bench/reference_dispatcher.py)");
+        let mut reference = python_reference(
+            settings,
+            python,
+            &input,
+            &format!("{base}-py-out"),
+            options.partitions,
+            n,
+        )?;
+        reference.ratio_to_baseline = Some(reference.records_per_second / baseline_rate);
+        results.push(reference);
+    }
 
     if options.exactly_once {
         let routes = routes_file(&format!("{base}-eos"), &format!("{base}-out-eos"))?;
@@ -232,6 +249,49 @@ fn raw_copy(
         cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
         peak_rss_mib: None,
         ratio_to_baseline: Some(1.0),
+        latency_ms: None,
+    })
+}
+
+/// The services' way, for comparison: a Python confluent-kafka consumer with a handler factory.
+fn python_reference(
+    settings: &Settings,
+    python: &PathBuf,
+    input: &str,
+    output: &str,
+    partitions: i32,
+    n: u64,
+) -> anyhow::Result<BenchResult> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/reference_dispatcher.py");
+    let started = Instant::now();
+    let mut child = Command::new(python)
+        .args([
+            script,
+            &settings.kafka.bootstrap_servers,
+            input,
+            output,
+            &format!("{output}-group"),
+            &n.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let done = TopicWatcher::new(&settings.kafka, output, partitions)?
+        .wait_for(n, Duration::from_secs(3600))?;
+    let cpu = cpu_seconds(pid);
+    let rss = peak_rss_mib(pid);
+    let _ = child.wait();
+    let done = done.ok_or_else(|| anyhow::anyhow!("the Python reference did not finish"))?;
+    let seconds = (done - started).as_secs_f64();
+    Ok(BenchResult {
+        bench: "dispatch".into(),
+        variant: "baseline: services' Python dispatcher".into(),
+        records: n,
+        seconds,
+        records_per_second: n as f64 / seconds,
+        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
+        peak_rss_mib: rss,
+        ratio_to_baseline: None,
         latency_ms: None,
     })
 }
