@@ -2,19 +2,15 @@
 //! feeding an ack tracker; offsets are stored only for fully acknowledged inputs; revocation and
 //! shutdown flush in-flight outputs within the drain deadline, then commit.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{DeliveryMetrics, LoopMetrics};
@@ -23,6 +19,9 @@ use crate::config::{InputTopics, KafkaSettings};
 use crate::envelope::now_timestamp;
 use crate::kafka::ack::{AckTracker, PartitionId};
 use crate::kafka::client::{client_config, require_topics, wait_for_broker};
+use crate::kafka::offsets::{
+    commit_stored, lock, store_committable, StoredOffsets, TopicIds, TrackingContext,
+};
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
 use crate::telemetry::Readiness;
 
@@ -39,68 +38,16 @@ struct DeliveryToken {
 
 /// State shared by the loop, the delivery callback and the rebalance callback.
 struct Shared {
-    tracker: Mutex<AckTracker>,
+    tracker: Arc<Mutex<AckTracker>>,
     /// Set when an output is lost for good: the stage stops without storing past it.
     fatal: Mutex<Option<String>>,
     /// Dead-letter records whose delivery failed; they are re-sent, never dropped.
     dead_letter_retries: Mutex<Vec<(OwnedMessage, Box<DeliveryToken>)>>,
-    producer: OnceLock<Arc<ThreadedProducer<DeliveryContext>>>,
-    drain_timeout: Duration,
 }
 
 impl Shared {
     fn tracker(&self) -> std::sync::MutexGuard<'_, AckTracker> {
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits (bounded) for outstanding deliveries, then commits what they made committable
-    /// for `partitions` and forgets them. Used on revocation.
-    fn drain_and_commit(
-        &self,
-        consumer: &BaseConsumer<RebalanceContext>,
-        partitions: &TopicPartitionList,
-    ) {
-        if let Some(producer) = self.producer.get() {
-            if let Err(error) = producer.flush(self.drain_timeout) {
-                tracing::warn!(%error, "in-flight outputs not all acknowledged within the drain deadline; their inputs will be re-delivered");
-            }
-        }
-        let mut commit = TopicPartitionList::new();
-        {
-            let mut tracker = self.tracker();
-            for element in partitions.elements() {
-                let id = PartitionId {
-                    topic: element.topic().into(),
-                    partition: element.partition(),
-                };
-                let pending = tracker.pending_on(&id);
-                if let Some(next) = tracker.forget(&id) {
-                    let _ = commit.add_partition_offset(
-                        element.topic(),
-                        element.partition(),
-                        Offset::Offset(next),
-                    );
-                }
-                if pending > 0 {
-                    tracing::warn!(
-                        topic = element.topic(),
-                        partition = element.partition(),
-                        pending,
-                        "revoked with unacknowledged inputs; they will be re-delivered"
-                    );
-                }
-            }
-        }
-        if commit.count() > 0 {
-            match consumer.commit(&commit, CommitMode::Sync) {
-                Ok(()) => {
-                    tracing::info!(partitions = commit.count(), "committed revoked partitions")
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "commit on revocation failed; inputs since the last commit will be re-delivered")
-                }
-            }
-        }
+        lock(&self.tracker)
     }
 }
 
@@ -158,56 +105,6 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
-/// Consumer context: commits on revocation, reports lag from librdkafka statistics.
-struct RebalanceContext {
-    log: PipelineContext,
-    shared: Arc<Shared>,
-}
-
-impl ClientContext for RebalanceContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-    fn stats(&self, statistics: Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, p) in &stats.partitions {
-                // consumer_lag is -1 for partitions this member does not own: they are not reported.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("eventpipe_dispatch_consumer_lag_messages", "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(partitions) => {
-                tracing::info!(partitions = %describe(partitions), "partitions revoked; draining");
-                self.shared.drain_and_commit(consumer, partitions);
-            }
-            Rebalance::Assign(partitions) => {
-                tracing::info!(partitions = %describe(partitions), "partitions assigned");
-            }
-            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
-        }
-    }
-}
-
-fn describe(partitions: &TopicPartitionList) -> String {
-    partitions
-        .elements()
-        .iter()
-        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// What a dispatcher run did, for the caller's summary line.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct DispatchSummary {
@@ -236,11 +133,9 @@ pub async fn run(
 ) -> Result<DispatchSummary, DispatchError> {
     let log = PipelineContext::default();
     let shared = Arc::new(Shared {
-        tracker: Mutex::new(AckTracker::default()),
+        tracker: Arc::new(Mutex::new(AckTracker::default())),
         fatal: Mutex::new(None),
         dead_letter_retries: Mutex::new(Vec::new()),
-        producer: OnceLock::new(),
-        drain_timeout,
     });
 
     let producer: Arc<ThreadedProducer<DeliveryContext>> = Arc::new(
@@ -265,18 +160,35 @@ pub async fn run(
     }
     let required: Vec<&str> = required.iter().map(String::as_str).collect();
     require_topics(&metadata, &required, kafka)?;
-    let _ = shared.producer.set(producer.clone());
 
     let mut consumer_config = client_config(kafka, ClientKind::Consumer);
     consumer_config.set("group.id", group_id);
     if consumer_config.get("statistics.interval.ms").is_none() {
         consumer_config.set("statistics.interval.ms", "5000");
     }
-    let consumer: StreamConsumer<RebalanceContext> = consumer_config
-        .create_with_context(RebalanceContext {
-            log: log.clone(),
-            shared: shared.clone(),
-        })
+    // On revocation: wait (bounded) for in-flight outputs, so their inputs can be committed.
+    let drain_producer = producer.clone();
+    let drain_tracker = shared.tracker.clone();
+    let drain = Box::new(move |partitions: &rdkafka::TopicPartitionList| {
+        let ids: Vec<PartitionId> = partitions
+            .elements()
+            .iter()
+            .map(|e| PartitionId {
+                topic: e.topic().into(),
+                partition: e.partition(),
+            })
+            .collect();
+        drain_outputs(&drain_producer, &drain_tracker, drain_timeout, |tracker| {
+            ids.iter().map(|id| tracker.pending_on(id)).sum()
+        });
+    });
+    let consumer: StreamConsumer<TrackingContext> = consumer_config
+        .create_with_context(TrackingContext::new(
+            log.clone(),
+            shared.tracker.clone(),
+            "eventpipe_dispatch_consumer_lag_messages",
+            drain,
+        ))
         .map_err(KafkaError::Client)?;
     let subscription: Vec<&str> = match input {
         InputTopics::Names(names) => names.iter().map(String::as_str).collect(),
@@ -291,8 +203,8 @@ pub async fn run(
 
     let mut summary = DispatchSummary::default();
     let mut loop_metrics = LoopMetrics::default();
-    let mut stored: BTreeMap<PartitionId, i64> = BTreeMap::new();
-    let mut topic_ids: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    let mut stored = StoredOffsets::new();
+    let mut topic_ids = TopicIds::default();
     let mut store_tick = tokio::time::interval(STORE_INTERVAL);
     store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -305,7 +217,7 @@ pub async fn run(
                     break Err(DispatchError::OutputLost(reason));
                 }
                 resend_dead_letters(&shared, &producer).await;
-                store_offsets(&consumer, &shared, &mut stored);
+                store_committable(&consumer, &shared.tracker, &mut stored);
                 metrics::gauge!("eventpipe_dispatch_in_flight_inputs").set(shared.tracker().in_flight() as f64);
             }
             received = consumer.recv() => {
@@ -316,10 +228,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                let topic_id = topic_ids
-                    .entry(message.topic().to_string())
-                    .or_insert_with(|| message.topic().into())
-                    .clone();
+                let topic_id = topic_ids.get(message.topic());
                 process(&message, topic_id, &transformer, &shared, &producer, &mut summary, &mut loop_metrics).await;
             }
         }
@@ -327,7 +236,20 @@ pub async fn run(
 
     // Graceful stop: no more input; flush outputs (bounded), resend dead letters, commit.
     let deadline = Instant::now() + drain_timeout;
-    let _ = producer.flush(drain_timeout);
+    // Inputs whose output was lost, or whose dead letter awaits a resend, never complete here.
+    let stuck = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+        || !lock_retries(&shared).is_empty();
+    drain_outputs(&producer, &shared.tracker, drain_timeout, |tracker| {
+        if stuck {
+            0
+        } else {
+            tracker.in_flight()
+        }
+    });
     while Instant::now() < deadline
         && !shared
             .dead_letter_retries
@@ -338,16 +260,8 @@ pub async fn run(
         resend_dead_letters(&shared, &producer).await;
         let _ = producer.flush(deadline.saturating_duration_since(Instant::now()));
     }
-    store_offsets(&consumer, &shared, &mut stored);
-    let mut commit = TopicPartitionList::new();
-    for (id, next) in &stored {
-        let _ = commit.add_partition_offset(&id.topic, id.partition, Offset::Offset(*next));
-    }
-    if commit.count() > 0 {
-        if let Err(error) = consumer.commit(&commit, CommitMode::Sync) {
-            tracing::warn!(%error, "final commit failed; some inputs will be re-delivered");
-        }
-    }
+    store_committable(&consumer, &shared.tracker, &mut stored);
+    commit_stored(&consumer, &stored);
     readiness.set("kafka", false);
     tracing::info!(
         consumed = summary.consumed,
@@ -515,27 +429,30 @@ async fn resend_dead_letters(shared: &Shared, producer: &ThreadedProducer<Delive
     }
 }
 
-/// Hands newly committable offsets to librdkafka; they are committed by the auto-commit timer.
-fn store_offsets(
-    consumer: &StreamConsumer<RebalanceContext>,
-    shared: &Shared,
-    stored: &mut BTreeMap<PartitionId, i64>,
+/// Waits, up to `timeout`, until `pending(tracker)` is zero: flushes the producer, then lets the
+/// delivery callbacks finish. `flush` returns once reports are dequeued, while their callbacks
+/// (which acknowledge inputs) may still be running on the producer's thread; committing before
+/// they finish would commit too little and re-deliver inputs that were in fact done.
+fn drain_outputs<C: ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    tracker: &Mutex<AckTracker>,
+    timeout: Duration,
+    pending: impl Fn(&AckTracker) -> usize,
 ) {
-    let committable = shared.tracker().take_committable();
-    if committable.is_empty() {
-        return;
+    let deadline = Instant::now() + timeout;
+    if let Err(error) = producer.flush(timeout) {
+        tracing::warn!(%error, "in-flight outputs not all acknowledged within the drain deadline; their inputs will be re-delivered");
     }
-    let mut tpl = TopicPartitionList::new();
-    for (id, next) in &committable {
-        let _ = tpl.add_partition_offset(&id.topic, id.partition, Offset::Offset(*next));
+    while pending(&lock(tracker)) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
-    match consumer.store_offsets(&tpl) {
-        Ok(()) => {
-            for (id, next) in committable {
-                stored.insert(id, next);
-            }
-        }
-        // A partition revoked since: its offsets were committed by the revocation handler.
-        Err(error) => tracing::debug!(%error, "storing offsets"),
-    }
+}
+
+fn lock_retries(
+    shared: &Shared,
+) -> std::sync::MutexGuard<'_, Vec<(OwnedMessage, Box<DeliveryToken>)>> {
+    shared
+        .dead_letter_retries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }

@@ -5,5 +5,6 @@ pub mod ack;
 pub mod admin;
 pub mod client;
 pub mod delivery;
+pub mod offsets;
 
 pub use client::{ClientKind, KafkaError, PipelineContext};
