@@ -109,6 +109,16 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Documents per second into Elasticsearch vs a direct bulk load of the same documents.
+    Log {
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Documents per bulk request, for the stage and the baseline alike.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
     /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
     Dispatch {
         #[arg(long, default_value_t = 1_000_000)]
@@ -286,6 +296,27 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check => check(&settings).await,
+        Command::Bench {
+            command:
+                BenchCommand::Log {
+                    records,
+                    partitions,
+                    batch_size,
+                },
+        } => {
+            let results = crate::log::bench::run(
+                &settings,
+                crate::log::bench::LogBenchOptions {
+                    records,
+                    partitions,
+                    batch_size,
+                    binary: None,
+                },
+            )
+            .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Dispatch {

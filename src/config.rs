@@ -205,12 +205,21 @@ pub struct FileTelemetry {
     pub metrics_address: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileAggregate {
     pub storage_type: Option<String>,
     pub output_topic: Option<String>,
     pub interval_secs: Option<u64>,
+    pub input_topic: Option<String>,
+    pub group_id: Option<String>,
+    pub advance_ms: Option<u64>,
+    pub allowed_lateness_ms: Option<u64>,
+    pub grace_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_open_windows: Option<usize>,
+    pub metrics_topic: Option<String>,
+    pub metrics_interval_secs: Option<u64>,
 }
 
 /// Resolved, validated settings.
@@ -440,6 +449,8 @@ pub struct AggregateSettings {
     pub storage_type: StorageType,
     pub output_topic: String,
     pub interval: Duration,
+    /// The file's other `[aggregate]` keys; `eventpipe aggregate` merges its flags over them.
+    pub file: FileAggregate,
 }
 
 impl Settings {
@@ -553,7 +564,7 @@ impl Settings {
         let storage_type = match args
             .storage_type
             .clone()
-            .or(file.aggregate.storage_type)
+            .or(file.aggregate.storage_type.clone())
             .as_deref()
             .map(str::to_ascii_lowercase)
             .as_deref()
@@ -571,7 +582,7 @@ impl Settings {
         let output_topic = args
             .kafka_topic
             .clone()
-            .or(file.aggregate.output_topic)
+            .or(file.aggregate.output_topic.clone())
             .unwrap_or_else(|| "events_aggregated".into());
         let interval_secs = match &args.aggregation_interval {
             Some(raw) => raw.trim().parse::<u64>().map_err(|_| {
@@ -613,6 +624,7 @@ impl Settings {
                 storage_type,
                 output_topic,
                 interval: Duration::from_secs(interval_secs),
+                file: file.aggregate,
             },
         })
     }

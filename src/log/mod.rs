@@ -1,27 +1,100 @@
-//! `eventpipe log`: ships info_in to Elasticsearch as documents people search in Kibana.
-//! Not built yet (issue #4); this module holds its settings and entry point.
+//! `eventpipe log`: ships info_in to Elasticsearch as the documents people search in Kibana,
+//! at least once with idempotent ids (so effectively once), with dead letters and backpressure.
 
-use clap::Args;
-use serde::Deserialize;
+pub mod bench;
+pub mod bulk;
+pub mod document;
+pub mod elasticsearch;
+pub mod metrics;
+pub mod pipeline;
+pub mod settings;
+pub mod template;
+
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::telemetry::Readiness;
+use bulk::Backoff;
+use elasticsearch::{Elasticsearch, ElasticsearchError};
+pub use settings::{FileLog, LogArgs, LogSettings};
+use template::{index_template, DataMapping, TemplateOptions};
 
-/// Flags of `eventpipe log`; each falls back to its environment variable, then the file's [log].
-#[derive(Debug, Default, Clone, Args)]
-pub struct LogArgs {}
-
-/// The config file's `[log]` table.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileLog {}
-
+/// Resolves the settings, installs the index template (waiting for Elasticsearch), then runs
+/// the consume → bulk loop until `shutdown`.
 pub async fn run(
-    _settings: &Settings,
-    _args: LogArgs,
-    _readiness: Readiness,
-    _shutdown: CancellationToken,
+    settings: &Settings,
+    args: LogArgs,
+    readiness: Readiness,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("the log stage is not built yet (issue #4)")
+    let log = LogSettings::resolve(&args, &settings.file_log)?;
+    metrics::describe();
+    readiness.register("kafka");
+    readiness.register("elasticsearch");
+    let client = Elasticsearch::new(&settings.elasticsearch_url, &log)?;
+    let installed = install_template(&client, &log, &shutdown).await?;
+    if !installed {
+        return Ok(());
+    }
+    readiness.set("elasticsearch", true);
+    ::metrics::gauge!("eventpipe_log_elasticsearch_up").set(1.0);
+    pipeline::run(&settings.kafka, &log, client, readiness, shutdown)
+        .await
+        .context("log stage")
+}
+
+/// Puts the index template, retrying while Elasticsearch is unreachable; false if shutdown
+/// came first. Without an explicit `data_mapping`, a server lacking `flattened` (OpenSearch)
+/// gets `flat_object`, and failing that a non-indexed `data`.
+pub async fn install_template(
+    client: &Elasticsearch,
+    log: &LogSettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let candidates = match log.data_mapping {
+        Some(chosen) => vec![chosen],
+        None => vec![
+            DataMapping::Flattened,
+            DataMapping::FlatObject,
+            DataMapping::Disabled,
+        ],
+    };
+    let mut backoff = Backoff::new(log.retry_initial_backoff, log.retry_max_backoff);
+    let mut candidate = 0;
+    loop {
+        let data = candidates[candidate];
+        let template = index_template(&TemplateOptions {
+            index_wildcard: log.index_pattern.wildcard(),
+            shards: log.shards,
+            replicas: log.replicas,
+            data,
+            priority: log.template_priority,
+        });
+        match client
+            .put_index_template(&log.template_name, &template)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(template = log.template_name, pattern = %log.index_pattern.wildcard(), ?data, "index template installed");
+                return Ok(true);
+            }
+            Err(error) if error.is_retryable() => {
+                let delay = backoff.next_delay(rand::random());
+                tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "waiting for Elasticsearch to install the index template");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+            Err(ElasticsearchError::Refused { body, .. })
+                if candidate + 1 < candidates.len()
+                    && body.contains("mapper_parsing_exception") =>
+            {
+                tracing::warn!(?data, reason = %body, "data mapping not supported here; trying the next");
+                candidate += 1;
+            }
+            Err(error) => return Err(error).context("installing the index template"),
+        }
+    }
 }

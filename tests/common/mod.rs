@@ -240,7 +240,12 @@ impl StageProcess {
     pub fn start(args: &[&str], extra_env: &[(&str, &str)]) -> StageProcess {
         use std::process::{Command, Stdio};
         let settings = settings();
-        let metrics_port = free_port();
+        // A caller may pin the telemetry address (e.g. a port Prometheus scrapes).
+        let metrics_port = extra_env
+            .iter()
+            .find(|(name, _)| *name == "EVENTPIPE_METRICS_ADDRESS")
+            .and_then(|(_, address)| address.rsplit(':').next()?.parse().ok())
+            .unwrap_or_else(free_port);
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("stage")));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(eventpipe_bin());

@@ -1,0 +1,348 @@
+//! The log benchmark: documents per second of `eventpipe log` over a preloaded backlog, next to
+//! a baseline that bulk-loads the same documents from a file with the same batch size, same run.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::bulk::ItemOutcome;
+use super::elasticsearch::Elasticsearch;
+use super::settings::{LogArgs, LogSettings};
+use crate::bench::measure::{cpu_seconds, peak_rss_mib, BenchResult};
+use crate::config::Settings;
+use crate::generate::{self, GenerateOptions, TrafficKind};
+use crate::kafka::client::create_client;
+use crate::kafka::{ClientKind, PipelineContext};
+
+pub struct LogBenchOptions {
+    pub records: u64,
+    pub partitions: i32,
+    /// Documents per bulk request, for the stage and the baseline alike.
+    pub batch_size: usize,
+    /// The eventpipe binary to run the stage with (default: this executable).
+    pub binary: Option<std::path::PathBuf>,
+}
+
+/// Runs the baseline and the stage over the same records; results baseline first.
+pub async fn run(
+    settings: &Settings,
+    options: LogBenchOptions,
+) -> anyhow::Result<Vec<BenchResult>> {
+    let base = format!("bench-log-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
+    let input = format!("{base}-in");
+    let topics = [
+        (input.clone(), options.partitions),
+        (format!("{input}.dlq"), 1),
+    ];
+    let admin: AdminClient<PipelineContext> = create_client(
+        &settings.kafka,
+        ClientKind::Admin,
+        PipelineContext::default(),
+    )?;
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new_topics, &AdminOptions::new())
+        .await?;
+    let outcome = workloads(settings, &options, &base, &input).await;
+    // Bounded runs clean up after themselves, whatever happened.
+    let names: Vec<&str> = topics.iter().map(|(n, _)| n.as_str()).collect();
+    if let Err(error) = admin.delete_topics(&names, &AdminOptions::new()).await {
+        tracing::warn!(%error, "deleting benchmark topics");
+    }
+    let http = reqwest::Client::new();
+    for path in [format!("{base}-*"), format!("_index_template/{base}-*")] {
+        if let Ok(url) = settings.elasticsearch_url.join(&path) {
+            let _ = http.delete(url).send().await;
+        }
+    }
+    outcome
+}
+
+/// Settings of one variant: its own index pattern and template, the same batch size.
+fn variant(
+    settings: &Settings,
+    base: &str,
+    name: &str,
+    batch_size: usize,
+) -> anyhow::Result<LogSettings> {
+    let args = LogArgs {
+        index_pattern: Some(format!("{base}-{name}-%Y.%m.%d")),
+        template_name: Some(format!("{base}-{name}")),
+        batch_size: Some(u32::try_from(batch_size)?),
+        ..Default::default()
+    };
+    Ok(LogSettings::resolve(&args, &settings.file_log)?)
+}
+
+async fn workloads(
+    settings: &Settings,
+    options: &LogBenchOptions,
+    base: &str,
+    input: &str,
+) -> anyhow::Result<Vec<BenchResult>> {
+    let n = options.records;
+    eprintln!("preloading {n} envelopes into {input}");
+    let loaded = generate::run(
+        &settings.kafka,
+        GenerateOptions {
+            kind: TrafficKind::Envelopes,
+            count: n,
+            rate: 0,
+            seed: 1,
+            users: 10_000,
+            series: 1,
+            topic: Some(input.to_string()),
+        },
+        CancellationToken::new(),
+    )
+    .await?;
+    anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+
+    let raw = variant(settings, base, "raw", options.batch_size)?;
+    let file = std::env::temp_dir().join(format!("{base}-bulk.ndjson"));
+    eprintln!("writing the same documents to {}", file.display());
+    write_bulk_file(settings, &raw, input, options.partitions, n, &file)?;
+    eprintln!(
+        "baseline: bulk-load {} in batches of {}",
+        file.display(),
+        options.batch_size
+    );
+    let baseline = bulk_from_file(settings, &raw, &file, n).await;
+    let _ = std::fs::remove_file(&file);
+    let baseline = baseline?;
+    let baseline_rate = baseline.records_per_second;
+
+    eprintln!("eventpipe log over the {n}-record backlog");
+    let staged = variant(settings, base, "log", options.batch_size)?;
+    let binary = match &options.binary {
+        Some(binary) => binary.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut stage = stage_run(
+        settings,
+        &staged,
+        &binary,
+        input,
+        &format!("{base}-group"),
+        n,
+    )
+    .await?;
+    stage.ratio_to_baseline = Some(stage.records_per_second / baseline_rate);
+    Ok(vec![baseline, stage])
+}
+
+/// Reads the backlog once and writes the bulk lines the stage would send, with its mapping.
+fn write_bulk_file(
+    settings: &Settings,
+    log: &LogSettings,
+    input: &str,
+    partitions: i32,
+    n: u64,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    // librdkafka wants a group even for a manual assignment; nothing is committed.
+    let mut kafka = settings.kafka.clone();
+    kafka
+        .properties
+        .insert("group.id".into(), format!("{input}-bulk-file"));
+    let consumer: BaseConsumer<PipelineContext> =
+        create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(input, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut out = BufWriter::new(std::fs::File::create(path)?);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut written = 0;
+    while written < n {
+        anyhow::ensure!(Instant::now() < deadline, "read {written} of {n} records");
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message?;
+        if let Ok(lines) = super::pipeline::document_lines(&message, input, log) {
+            out.write_all(&lines)?;
+        }
+        written += 1;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The baseline: the file's documents sent in sequential bulk requests of the same size.
+async fn bulk_from_file(
+    settings: &Settings,
+    log: &LogSettings,
+    path: &std::path::Path,
+    n: u64,
+) -> anyhow::Result<BenchResult> {
+    let client = Elasticsearch::new(&settings.elasticsearch_url, log)?;
+    anyhow::ensure!(
+        super::install_template(&client, log, &CancellationToken::new()).await?,
+        "index template not installed"
+    );
+    let cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let mut lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
+    let mut indexed = 0u64;
+    loop {
+        let mut body = Vec::new();
+        let mut items = 0;
+        // Two lines per document: the action and the source.
+        while items < log.batch_size {
+            let (Some(action), Some(source)) = (lines.next(), lines.next()) else {
+                break;
+            };
+            for line in [action?, source?] {
+                body.extend_from_slice(line.as_bytes());
+                body.push(b'\n');
+            }
+            items += 1;
+        }
+        if items == 0 {
+            break;
+        }
+        let outcomes = client.bulk(body, items).await?;
+        indexed += outcomes
+            .iter()
+            .filter(|o| matches!(o, ItemOutcome::Indexed))
+            .count() as u64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(indexed == n, "baseline indexed {indexed} of {n}");
+    let cpu = cpu_seconds(std::process::id())
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let mut result = log_result(
+        format!("baseline: bulk from file, batch {}", log.batch_size),
+        n,
+        seconds,
+        cpu,
+        None,
+    );
+    result.ratio_to_baseline = Some(1.0);
+    Ok(result)
+}
+
+/// A throughput result of this benchmark.
+fn log_result(
+    variant: String,
+    n: u64,
+    seconds: f64,
+    cpu: Option<f64>,
+    rss: Option<f64>,
+) -> BenchResult {
+    BenchResult {
+        bench: "log".into(),
+        variant,
+        records: n,
+        seconds,
+        records_per_second: n as f64 / seconds,
+        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
+        peak_rss_mib: rss,
+        ratio_to_baseline: None,
+        latency_ms: None,
+    }
+}
+
+/// The stage as users run it (this binary, `log`), timed from start until `n` documents are
+/// acknowledged, as its own /metrics reports.
+async fn stage_run(
+    settings: &Settings,
+    log: &LogSettings,
+    binary: &std::path::Path,
+    input: &str,
+    group: &str,
+    n: u64,
+) -> anyhow::Result<BenchResult> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let started = Instant::now();
+    let mut child = Command::new(binary)
+        .args([
+            "--bootstrap-servers",
+            &settings.kafka.bootstrap_servers,
+            "--elasticsearch-url",
+            settings.elasticsearch_url.as_str(),
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "warn",
+            "log",
+            "--input-topic",
+            input,
+            "--group-id",
+            group,
+            "--index-pattern",
+            log.index_pattern.as_str(),
+            "--template-name",
+            &log.template_name,
+            "--batch-size",
+            &log.batch_size.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let done = wait_for_indexed(&mut child, port, n, Duration::from_secs(1800)).await;
+    let pid = child.id();
+    let (cpu, rss) = (cpu_seconds(pid), peak_rss_mib(pid));
+    stop(child);
+    let seconds = (done?.ok_or_else(|| anyhow::anyhow!("the stage did not index the backlog"))?
+        - started)
+        .as_secs_f64();
+    Ok(log_result(
+        format!("eventpipe log, batch {}", log.batch_size),
+        n,
+        seconds,
+        cpu,
+        rss,
+    ))
+}
+
+/// Polls the stage's /metrics until indexed (plus already indexed) documents reach `n`.
+async fn wait_for_indexed(
+    child: &mut Child,
+    port: u16,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<Option<Instant>> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(response) = http.get(&url).send().await {
+            let text = response.text().await.unwrap_or_default();
+            let acknowledged: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("eventpipe_log_indexed_total ")
+                        || l.starts_with("eventpipe_log_already_indexed_total ")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if acknowledged >= n as f64 {
+                return Ok(Some(Instant::now()));
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the log stage exited early ({status})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
+}
+
+/// The measurement is over: nothing left to commit matters, so no graceful drain is needed.
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
