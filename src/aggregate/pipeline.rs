@@ -12,10 +12,9 @@ use chrono::Utc;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -113,17 +112,10 @@ struct AggregateContext {
     engine: SharedEngine,
 }
 
-impl ClientContext for AggregateContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-        crate::kafka::offsets::record_lag("eventpipe_aggregate_consumer_lag_messages", &statistics);
-    }
-}
+crate::kafka::client::logging_client_context!(
+    AggregateContext,
+    lag = "eventpipe_aggregate_consumer_lag_messages"
+);
 
 impl ConsumerContext for AggregateContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -8,17 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
-use super::measure::{cpu_seconds, peak_rss_mib, BenchResult, Percentiles, TopicWatcher};
+use super::measure::{
+    cpu_seconds, peak_rss_mib, preload_envelopes, BenchResult, BenchTopics, Percentiles,
+    TopicWatcher,
+};
 use crate::config::Settings;
 use crate::envelope::parse_timestamp;
-use crate::generate::{self, GenerateOptions, Generator, Pacer, TrafficKind, PACER_TICK};
+use crate::generate::{Generator, Pacer, TrafficKind, PACER_TICK};
 use crate::kafka::client::{client_config, create_client};
 use crate::kafka::{ClientKind, PipelineContext};
 
@@ -53,24 +54,9 @@ pub async fn run(
         topics.push((format!("{base}-lat{rate}-in.dlq"), 1));
         topics.push((format!("{base}-lat{rate}-out"), options.partitions));
     }
-    let admin: AdminClient<PipelineContext> = create_client(
-        &settings.kafka,
-        ClientKind::Admin,
-        PipelineContext::default(),
-    )?;
-    let new_topics: Vec<NewTopic> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new_topics, &AdminOptions::new())
-        .await?;
+    let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = run_workloads(settings, &options, &base).await;
-    // Bounded runs clean up after themselves, whatever happened.
-    let names: Vec<&str> = topics.iter().map(|(n, _)| n.as_str()).collect();
-    if let Err(error) = admin.delete_topics(&names, &AdminOptions::new()).await {
-        tracing::warn!(%error, "deleting benchmark topics");
-    }
+    bench_topics.delete().await;
     outcome
 }
 
@@ -81,22 +67,7 @@ async fn run_workloads(
 ) -> anyhow::Result<Vec<BenchResult>> {
     let input = format!("{base}-in");
     let n = options.records;
-    eprintln!("preloading {n} envelopes into {input}");
-    let loaded = generate::run(
-        &settings.kafka,
-        GenerateOptions {
-            kind: TrafficKind::Envelopes,
-            count: n,
-            rate: 0,
-            seed: 1,
-            users: 10_000,
-            series: 1,
-            topic: Some(input.clone()),
-        },
-        CancellationToken::new(),
-    )
-    .await?;
-    anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+    preload_envelopes(&settings.kafka, &input, n).await?;
 
     let mut results = Vec::new();
     eprintln!("baseline: raw rdkafka copy {input} -> {base}-copy");

@@ -3,12 +3,68 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaSettings;
+use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::kafka::client::create_client;
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
+
+/// Topics a benchmark creates for itself and deletes when it ends, whatever happened.
+pub struct BenchTopics {
+    admin: AdminClient<PipelineContext>,
+    names: Vec<String>,
+}
+
+impl BenchTopics {
+    /// Creates every (name, partitions) topic.
+    pub async fn create(kafka: &KafkaSettings, topics: &[(String, i32)]) -> anyhow::Result<Self> {
+        let admin: AdminClient<PipelineContext> =
+            create_client(kafka, ClientKind::Admin, PipelineContext::default())?;
+        let new_topics: Vec<NewTopic> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        admin
+            .create_topics(&new_topics, &AdminOptions::new())
+            .await?;
+        Ok(BenchTopics {
+            admin,
+            names: topics.iter().map(|(name, _)| name.clone()).collect(),
+        })
+    }
+
+    pub async fn delete(self) {
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        if let Err(error) = self.admin.delete_topics(&names, &AdminOptions::new()).await {
+            tracing::warn!(%error, "deleting benchmark topics");
+        }
+    }
+}
+
+/// Fills `topic` with `n` generated service envelopes (~300 bytes each), all acknowledged.
+pub async fn preload_envelopes(kafka: &KafkaSettings, topic: &str, n: u64) -> anyhow::Result<()> {
+    eprintln!("preloading {n} envelopes into {topic}");
+    let loaded = generate::run(
+        kafka,
+        GenerateOptions {
+            kind: TrafficKind::Envelopes,
+            count: n,
+            rate: 0,
+            seed: 1,
+            users: 10_000,
+            series: 1,
+            topic: Some(topic.to_string()),
+        },
+        CancellationToken::new(),
+    )
+    .await?;
+    anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+    Ok(())
+}
 
 /// One benchmark result: printed as a table row and as a JSON line.
 #[derive(Debug, Clone, Serialize)]

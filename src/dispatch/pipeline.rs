@@ -10,7 +10,6 @@ use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{DeliveryMetrics, LoopMetrics};
@@ -20,12 +19,12 @@ use crate::envelope::now_timestamp;
 use crate::kafka::ack::{AckTracker, PartitionId};
 use crate::kafka::client::{client_config, require_topics, wait_for_broker};
 use crate::kafka::offsets::{
-    commit_stored, lock, store_committable, StoredOffsets, TopicIds, TrackingContext,
+    commit_committable, commit_stored, lock, StoredOffsets, TopicIds, TrackingContext,
 };
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
 use crate::telemetry::Readiness;
 
-/// How often acknowledged offsets are handed to librdkafka (which commits them every second).
+/// How often newly acknowledged offsets are committed (asynchronously).
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Attached to every produced record; comes back in its delivery report.
@@ -58,14 +57,7 @@ struct DeliveryContext {
     metrics: DeliveryMetrics,
 }
 
-impl ClientContext for DeliveryContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-}
+crate::kafka::client::logging_client_context!(DeliveryContext);
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<DeliveryToken>;
@@ -217,7 +209,7 @@ pub async fn run(
                     break Err(DispatchError::OutputLost(reason));
                 }
                 resend_dead_letters(&shared, &producer).await;
-                store_committable(&consumer, &shared.tracker, &mut stored);
+                commit_committable(&consumer, &shared.tracker, &mut stored);
                 metrics::gauge!("eventpipe_dispatch_in_flight_inputs").set(shared.tracker().in_flight() as f64);
             }
             received = consumer.recv() => {
@@ -260,7 +252,7 @@ pub async fn run(
         resend_dead_letters(&shared, &producer).await;
         let _ = producer.flush(deadline.saturating_duration_since(Instant::now()));
     }
-    store_committable(&consumer, &shared.tracker, &mut stored);
+    commit_committable(&consumer, &shared.tracker, &mut stored);
     commit_stored(&consumer, &stored);
     readiness.set("kafka", false);
     tracing::info!(

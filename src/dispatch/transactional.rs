@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::LoopMetrics;
@@ -35,14 +35,7 @@ struct RevocationFlag {
     revoked: AtomicBool,
 }
 
-impl ClientContext for RevocationFlag {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-}
+crate::kafka::client::logging_client_context!(RevocationFlag);
 
 impl ConsumerContext for RevocationFlag {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

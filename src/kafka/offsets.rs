@@ -114,13 +114,22 @@ pub fn describe(partitions: &TopicPartitionList) -> String {
         .join(",")
 }
 
-/// Hands newly committable offsets to librdkafka, whose auto-commit timer commits them.
-pub fn store_committable<C: ConsumerContext, K: Consumer<C>>(
+/// Commits (asynchronously) the offsets that became committable since the last call.
+/// eventpipe commits explicitly instead of using librdkafka's auto-commit: an automatic commit
+/// of a stale offset store (on a timer, or when the consumer closes) could land after the
+/// revocation's synchronous commit and move a partition back, re-delivering finished work.
+pub fn commit_committable<C: ConsumerContext, K: Consumer<C>>(
     consumer: &K,
     tracker: &Mutex<AckTracker>,
     stored: &mut StoredOffsets,
 ) {
-    let committable = lock(tracker).take_committable();
+    let assigned = consumer.assignment().unwrap_or_default();
+    let committable: Vec<_> = lock(tracker)
+        .take_committable()
+        .into_iter()
+        // A partition revoked since: its offsets were committed by the revocation handler.
+        .filter(|(id, _)| assigned.find_partition(&id.topic, id.partition).is_some())
+        .collect();
     if committable.is_empty() {
         return;
     }
@@ -128,10 +137,9 @@ pub fn store_committable<C: ConsumerContext, K: Consumer<C>>(
     for (id, next) in &committable {
         let _ = tpl.add_partition_offset(&id.topic, id.partition, Offset::Offset(*next));
     }
-    match consumer.store_offsets(&tpl) {
+    match consumer.commit(&tpl, CommitMode::Async) {
         Ok(()) => stored.extend(committable),
-        // A partition revoked since: its offsets were committed by the revocation handler.
-        Err(error) => tracing::debug!(%error, "storing offsets"),
+        Err(error) => tracing::debug!(%error, "committing offsets"),
     }
 }
 

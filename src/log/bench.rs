@@ -5,7 +5,6 @@ use std::io::{BufRead, BufWriter, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -13,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use super::bulk::ItemOutcome;
 use super::elasticsearch::Elasticsearch;
 use super::settings::{LogArgs, LogSettings};
-use crate::bench::measure::{cpu_seconds, peak_rss_mib, BenchResult};
+use crate::bench::measure::{
+    cpu_seconds, peak_rss_mib, preload_envelopes, BenchResult, BenchTopics,
+};
 use crate::config::Settings;
-use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::kafka::client::create_client;
 use crate::kafka::{ClientKind, PipelineContext};
 
@@ -39,24 +39,9 @@ pub async fn run(
         (input.clone(), options.partitions),
         (format!("{input}.dlq"), 1),
     ];
-    let admin: AdminClient<PipelineContext> = create_client(
-        &settings.kafka,
-        ClientKind::Admin,
-        PipelineContext::default(),
-    )?;
-    let new_topics: Vec<NewTopic> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new_topics, &AdminOptions::new())
-        .await?;
+    let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = workloads(settings, &options, &base, &input).await;
-    // Bounded runs clean up after themselves, whatever happened.
-    let names: Vec<&str> = topics.iter().map(|(n, _)| n.as_str()).collect();
-    if let Err(error) = admin.delete_topics(&names, &AdminOptions::new()).await {
-        tracing::warn!(%error, "deleting benchmark topics");
-    }
+    bench_topics.delete().await;
     let http = reqwest::Client::new();
     for path in [format!("{base}-*"), format!("_index_template/{base}-*")] {
         if let Ok(url) = settings.elasticsearch_url.join(&path) {
@@ -89,22 +74,7 @@ async fn workloads(
     input: &str,
 ) -> anyhow::Result<Vec<BenchResult>> {
     let n = options.records;
-    eprintln!("preloading {n} envelopes into {input}");
-    let loaded = generate::run(
-        &settings.kafka,
-        GenerateOptions {
-            kind: TrafficKind::Envelopes,
-            count: n,
-            rate: 0,
-            seed: 1,
-            users: 10_000,
-            series: 1,
-            topic: Some(input.to_string()),
-        },
-        CancellationToken::new(),
-    )
-    .await?;
-    anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+    preload_envelopes(&settings.kafka, input, n).await?;
 
     let raw = variant(settings, base, "raw", options.batch_size)?;
     let file = std::env::temp_dir().join(format!("{base}-bulk.ndjson"));

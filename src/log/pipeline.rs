@@ -25,7 +25,7 @@ use crate::kafka::offsets::{self, StoredOffsets, TrackingContext};
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
 use crate::telemetry::Readiness;
 
-/// How often acknowledged offsets are handed to librdkafka (which commits them every second).
+/// How often newly acknowledged offsets are committed (asynchronously).
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the indexer may be behind before the partitions are paused (fetching stops).
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
@@ -237,7 +237,7 @@ pub async fn run(
                 waiting = Some(std::mem::take(&mut batch));
             }
             _ = store_tick.tick() => {
-                offsets::store_committable(&consumer, &tracker, &mut stored);
+                offsets::commit_committable(&consumer, &tracker, &mut stored);
                 if full {
                     backpressure.stalled(&consumer);
                 }
@@ -289,7 +289,7 @@ pub async fn run(
     };
     let _ = indexer_task.await;
     stopper.abort();
-    offsets::store_committable(&consumer, &tracker, &mut stored);
+    offsets::commit_committable(&consumer, &tracker, &mut stored);
     offsets::commit_stored(&consumer, &stored);
     closing.store(true, Ordering::Relaxed);
     readiness.set("kafka", false);
