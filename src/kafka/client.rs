@@ -47,12 +47,17 @@ pub fn client_config(settings: &KafkaSettings, kind: ClientKind) -> ClientConfig
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.bootstrap_servers);
     config.set("client.id", "eventpipe");
+    // TCP_NODELAY, as the Java client does: Nagle's algorithm holds small requests back and
+    // shows up as tens of milliseconds in the latency tail.
+    config.set("socket.nagle.disable", "true");
     match kind {
         ClientKind::Producer => {
             config
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
-                .set("linger.ms", "5")
+                // 1 ms: batches still form under load (measured: no throughput loss against
+                // 5 ms), and the median latency halves (BENCHMARKS.md).
+                .set("linger.ms", "1")
                 .set("compression.type", "lz4")
                 .set("message.timeout.ms", "300000");
         }
