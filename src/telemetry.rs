@@ -116,7 +116,14 @@ pub async fn serve(
     });
 
     let app = Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route(
+            "/metrics",
+            get(move || {
+                let mut text = handle.render();
+                text.push_str(&crate::kafka::offsets::render_lag());
+                std::future::ready(text)
+            }),
+        )
         .route("/health", get(|| async { "ok\n" }))
         .route(
             "/ready",

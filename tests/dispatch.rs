@@ -491,24 +491,28 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
         })
         .collect();
 
+    // The first instance alone owns every partition and reports lag for all it has read.
     let first = f.start(&[]);
+    wait_ready(&first).await;
+    common::produce_all(&settings, &f.create, &records[..1_000]).await;
+    assert_eq!(
+        common::consume(&settings, &f.info, 1_000, Duration::from_secs(60))
+            .await
+            .len(),
+        1_000
+    );
+    wait_for_lag_series(&[&first], |owned| owned[0].len() == 6).await;
+
+    // A second instance joins: the first's lag series for the partitions it lost disappear.
     let second = f.start(&[]);
-    for stage in [&first, &second] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while stage.ready_status().await != Some(200) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not ready: {}",
-                stage.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    // Let the group settle so both own partitions, then send traffic while both run.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    common::produce_all(&settings, &f.create, &records[..20_000]).await;
+    wait_ready(&second).await;
+    common::produce_all(&settings, &f.create, &records[1_000..20_000]).await;
     let halfway = common::consume(&settings, &f.info, 20_000, Duration::from_secs(60)).await;
     assert_eq!(halfway.len(), 20_000);
+    wait_for_lag_series(&[&first, &second], |owned| {
+        owned[0].len() == 3 && owned[1].len() == 3 && owned[0].is_disjoint(&owned[1])
+    })
+    .await;
     // The first leaves while the rest of the traffic arrives: its partitions move mid-stream.
     let sending = tokio::spawn({
         let settings = settings.clone();
@@ -551,4 +555,56 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
         "a graceful leave commits after draining: no duplicates"
     );
     assert_eq!(by_first + by_second, total);
+}
+
+/// The (topic, partition) pairs with a consumer-lag series in a /metrics text.
+fn lag_partitions(metrics: &str) -> HashSet<(String, String)> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("eventpipe_dispatch_consumer_lag_messages{"))
+        .filter_map(|rest| {
+            let labels = rest.split('}').next()?;
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            };
+            Some((label("topic")?, label("partition")?))
+        })
+        .collect()
+}
+
+async fn wait_ready(stage: &StageProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stage.ready_status().await != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready: {}",
+            stage.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (20 s at most) until the stages' lag series satisfy `done`.
+async fn wait_for_lag_series(
+    stages: &[&StageProcess],
+    done: impl Fn(&[HashSet<(String, String)>]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut owned = Vec::new();
+        for stage in stages {
+            owned.push(lag_partitions(&stage.metrics().await));
+        }
+        if done(&owned) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag series: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

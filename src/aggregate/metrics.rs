@@ -37,10 +37,6 @@ pub fn describe() {
         Unit::Seconds,
         "Wall-clock time minus the watermark."
     );
-    describe_gauge!(
-        "eventpipe_aggregate_consumer_lag_messages",
-        "Records between the consumer position and the high watermark, per owned partition."
-    );
     describe_histogram!(
         "eventpipe_aggregate_processing_seconds",
         Unit::Seconds,

@@ -103,10 +103,6 @@ pub fn describe() {
         "Exactly-once mode: transactions by outcome (committed, aborted)."
     );
     describe_gauge!(
-        "eventpipe_dispatch_consumer_lag_messages",
-        "Records between the consumer position and the high watermark, per owned partition."
-    );
-    describe_gauge!(
         "eventpipe_dispatch_in_flight_inputs",
         "Inputs whose outputs are not all acknowledged yet."
     );

@@ -30,10 +30,6 @@ pub fn describe() {
         "Duration of one bulk request, failed ones included."
     );
     describe_gauge!(
-        "eventpipe_log_consumer_lag_messages",
-        "Records between the consumer position and the high watermark, per owned partition."
-    );
-    describe_gauge!(
         "eventpipe_log_in_flight_records",
         "Consumed records not yet indexed or dead-lettered."
     );
