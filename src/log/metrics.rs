@@ -25,6 +25,11 @@ pub fn describe() {
         "Documents sent again after a retryable bulk failure (429, 5xx, unreachable)."
     );
     describe_histogram!(
+        "eventpipe_log_end_to_end_seconds",
+        Unit::Seconds,
+        "Time from the info_in record's timestamp to Elasticsearch (or the dead-letter topic) acknowledging it."
+    );
+    describe_histogram!(
         "eventpipe_log_bulk_seconds",
         Unit::Seconds,
         "Duration of one bulk request, failed ones included."

@@ -437,6 +437,7 @@ struct IndexerMetrics {
     already_indexed: metrics::Counter,
     retries: metrics::Counter,
     bulk_seconds: metrics::Histogram,
+    end_to_end_seconds: metrics::Histogram,
 }
 
 impl Default for IndexerMetrics {
@@ -446,6 +447,7 @@ impl Default for IndexerMetrics {
             already_indexed: metrics::counter!("eventpipe_log_already_indexed_total"),
             retries: metrics::counter!("eventpipe_log_bulk_retries_total"),
             bulk_seconds: metrics::histogram!("eventpipe_log_bulk_seconds"),
+            end_to_end_seconds: metrics::histogram!("eventpipe_log_end_to_end_seconds"),
         }
     }
 }
@@ -468,6 +470,12 @@ impl Indexer {
 
     fn ack(&self, original: &Original) {
         offsets::lock(&self.tracker).ack(&original.partition, original.offset);
+        if let Some(produced_ms) = original.timestamp_ms {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            self.metrics
+                .end_to_end_seconds
+                .record((now_ms - produced_ms).max(0) as f64 / 1000.0);
+        }
     }
 
     /// Sleeps `delay`, or less if the stage gives up meanwhile.
