@@ -212,15 +212,15 @@ fn raw_copy(
         .zip(cpu_seconds(std::process::id()))
         .map(|(a, b)| b - a);
     Ok(BenchResult {
-        bench: "dispatch".into(),
-        variant: "baseline: raw rdkafka copy".into(),
-        records: n,
-        seconds,
-        records_per_second: n as f64 / seconds,
-        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
-        peak_rss_mib: None,
         ratio_to_baseline: Some(1.0),
-        latency_ms: None,
+        ..BenchResult::throughput(
+            "dispatch",
+            "baseline: raw rdkafka copy",
+            n,
+            seconds,
+            cpu,
+            None,
+        )
     })
 }
 
@@ -254,17 +254,14 @@ fn python_reference(
     let _ = child.wait();
     let done = done.ok_or_else(|| anyhow::anyhow!("the Python reference did not finish"))?;
     let seconds = (done - started).as_secs_f64();
-    Ok(BenchResult {
-        bench: "dispatch".into(),
-        variant: "baseline: services' Python dispatcher".into(),
-        records: n,
+    Ok(BenchResult::throughput(
+        "dispatch",
+        "baseline: services' Python dispatcher",
+        n,
         seconds,
-        records_per_second: n as f64 / seconds,
-        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
-        peak_rss_mib: rss,
-        ratio_to_baseline: None,
-        latency_ms: None,
-    })
+        cpu,
+        rss,
+    ))
 }
 
 /// Starts the real `eventpipe dispatch` binary as a child process.
@@ -352,22 +349,14 @@ fn dispatcher_run(
     stop_dispatcher(child);
     let done = done.ok_or_else(|| anyhow::anyhow!("dispatcher did not finish the backlog"))?;
     let seconds = (done - started).as_secs_f64();
-    Ok(BenchResult {
-        bench: "dispatch".into(),
-        variant: if exactly_once {
-            "eventpipe dispatch, exactly once"
-        } else {
-            "eventpipe dispatch, at least once"
-        }
-        .into(),
-        records: n,
-        seconds,
-        records_per_second: n as f64 / seconds,
-        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
-        peak_rss_mib: rss,
-        ratio_to_baseline: None,
-        latency_ms: None,
-    })
+    let variant = if exactly_once {
+        "eventpipe dispatch, exactly once"
+    } else {
+        "eventpipe dispatch, at least once"
+    };
+    Ok(BenchResult::throughput(
+        "dispatch", variant, n, seconds, cpu, rss,
+    ))
 }
 
 /// Waits until `group` has committed offsets summing to `n` on `topic`.

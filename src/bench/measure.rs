@@ -83,6 +83,30 @@ pub struct BenchResult {
     pub latency_ms: Option<Percentiles>,
 }
 
+impl BenchResult {
+    /// A throughput result: `n` records in `seconds`, with the measured process's CPU and memory.
+    pub fn throughput(
+        bench: &str,
+        variant: impl Into<String>,
+        n: u64,
+        seconds: f64,
+        cpu_seconds: Option<f64>,
+        peak_rss_mib: Option<f64>,
+    ) -> BenchResult {
+        BenchResult {
+            bench: bench.into(),
+            variant: variant.into(),
+            records: n,
+            seconds,
+            records_per_second: n as f64 / seconds,
+            cpu_seconds_per_million: cpu_seconds.map(|c| c / n as f64 * 1e6),
+            peak_rss_mib,
+            ratio_to_baseline: None,
+            latency_ms: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
     pub p50: f64,

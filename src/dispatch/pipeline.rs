@@ -140,16 +140,7 @@ pub async fn run(
             .map_err(KafkaError::Client)?,
     );
     let metadata = wait_for_broker(producer.client(), &log, kafka)?;
-    let mut required: Vec<String> = transformer.router.output_topics().to_vec();
-    if let InputTopics::Names(names) = input {
-        for name in names {
-            required.push(name.clone());
-            required.push(crate::dead_letter::dead_letter_topic(
-                name,
-                &transformer.dead_letter_suffix,
-            ));
-        }
-    }
+    let required = required_topics(&transformer, input);
     let required: Vec<&str> = required.iter().map(String::as_str).collect();
     require_topics(&metadata, &required, kafka)?;
 
@@ -182,10 +173,7 @@ pub async fn run(
             drain,
         ))
         .map_err(KafkaError::Client)?;
-    let subscription: Vec<&str> = match input {
-        InputTopics::Names(names) => names.iter().map(String::as_str).collect(),
-        InputTopics::Pattern(pattern) => vec![pattern.as_str()],
-    };
+    let subscription = subscription(input);
     consumer
         .subscribe(&subscription)
         .map_err(KafkaError::Client)?;
@@ -263,6 +251,30 @@ pub async fn run(
         "dispatcher stopped"
     );
     outcome.map(|()| summary)
+}
+
+/// Topics that must exist before dispatching: every route's outputs and, for named inputs,
+/// the inputs and their dead-letter topics. (A pattern's matches are not known in advance.)
+pub(super) fn required_topics(transformer: &Transformer, input: &InputTopics) -> Vec<String> {
+    let mut required = transformer.router.output_topics().to_vec();
+    if let InputTopics::Names(names) = input {
+        for name in names {
+            required.push(name.clone());
+            required.push(crate::dead_letter::dead_letter_topic(
+                name,
+                &transformer.dead_letter_suffix,
+            ));
+        }
+    }
+    required
+}
+
+/// What to subscribe to: the named topics, or the pattern (librdkafka reads `^...` as a regex).
+pub(super) fn subscription(input: &InputTopics) -> Vec<&str> {
+    match input {
+        InputTopics::Names(names) => names.iter().map(String::as_str).collect(),
+        InputTopics::Pattern(pattern) => vec![pattern.as_str()],
+    }
 }
 
 /// Decodes and routes one consumed message, counting it; returns its outputs and whether they

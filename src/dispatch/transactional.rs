@@ -15,7 +15,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::LoopMetrics;
-use super::pipeline::{base_record, transform_message, DispatchError, DispatchSummary};
+use super::pipeline::{
+    base_record, required_topics, subscription, transform_message, DispatchError, DispatchSummary,
+};
 use super::transform::Transformer;
 use crate::config::{InputTopics, KafkaSettings};
 use crate::kafka::client::{client_config, require_topics, wait_for_broker};
@@ -83,16 +85,7 @@ pub async fn run(
         .create_with_context(log.clone())
         .map_err(KafkaError::Client)?;
     let metadata = wait_for_broker(producer.client(), &log, kafka)?;
-    let mut required: Vec<String> = transformer.router.output_topics().to_vec();
-    if let InputTopics::Names(names) = input {
-        for name in names {
-            required.push(name.clone());
-            required.push(crate::dead_letter::dead_letter_topic(
-                name,
-                &transformer.dead_letter_suffix,
-            ));
-        }
-    }
+    let required = required_topics(&transformer, input);
     let required: Vec<&str> = required.iter().map(String::as_str).collect();
     require_topics(&metadata, &required, kafka)?;
     // Fences any earlier producer with this id and aborts its unfinished transaction.
@@ -111,10 +104,7 @@ pub async fn run(
             revoked: AtomicBool::new(false),
         })
         .map_err(KafkaError::Client)?;
-    let subscription: Vec<&str> = match input {
-        InputTopics::Names(names) => names.iter().map(String::as_str).collect(),
-        InputTopics::Pattern(pattern) => vec![pattern.as_str()],
-    };
+    let subscription = subscription(input);
     consumer
         .subscribe(&subscription)
         .map_err(KafkaError::Client)?;

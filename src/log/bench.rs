@@ -211,17 +211,7 @@ fn log_result(
     cpu: Option<f64>,
     rss: Option<f64>,
 ) -> BenchResult {
-    BenchResult {
-        bench: "log".into(),
-        variant,
-        records: n,
-        seconds,
-        records_per_second: n as f64 / seconds,
-        cpu_seconds_per_million: cpu.map(|c| c / n as f64 * 1e6),
-        peak_rss_mib: rss,
-        ratio_to_baseline: None,
-        latency_ms: None,
-    }
+    BenchResult::throughput("log", variant, n, seconds, cpu, rss)
 }
 
 /// The stage as users run it (this binary, `log`), timed from start until `n` documents are
