@@ -4,6 +4,7 @@
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
 pub mod bench; // `eventpipe bench`: workloads next to same-run baselines, table + JSON lines
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
+pub mod codec; // record formats per topic: json or Avro (Confluent framing) via the schema registry
 pub mod config; // typed settings: flags > environment > config file > defaults
 pub mod dead_letter; // dead-letter records: original bytes plus headers saying why and from where
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters

@@ -1,0 +1,409 @@
+//! Record formats on the wire, chosen per topic: `json` (what services send today) or `avro`
+//! (Confluent framing: magic byte 0, 4-byte schema id, Avro body), against the schema registry.
+//!
+//! Stages process JSON; a codec sits at each edge, like a Kafka Connect converter: Avro input is
+//! decoded with the writer's registered schema, resolved to the stage's reader schema (so any
+//! registered version reads, new fields taking their defaults), and handed on as JSON; JSON
+//! output is encoded with the stage's writer schema under `<topic>-value`. Dead letters keep the
+//! original bytes. A record that cannot be decoded is the record's fault (dead-lettered with a
+//! kind); a registry that cannot be reached is not (the stage waits and retries).
+
+pub mod registry;
+pub mod schemas;
+pub mod transcode;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use tokio_util::sync::CancellationToken;
+
+pub use registry::{Registry, RegistryError};
+pub use schemas::{value_subject, SchemaName};
+
+/// The Confluent wire format's first byte.
+const MAGIC_BYTE: u8 = 0;
+const HEADER_BYTES: usize = 5;
+/// Waiting for the registry backs off up to this.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// A topic's record format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Json,
+    Avro,
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Format, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(Format::Json),
+            "avro" => Ok(Format::Avro),
+            other => Err(format!("unknown format {other:?} (expected json or avro)")),
+        }
+    }
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+        }
+    }
+}
+
+/// Which format each topic uses: a default for the topics a stage reads, one for the topics it
+/// writes, and per-topic overrides (a topic has one format, whoever reads or writes it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CodecSettings {
+    pub input: Format,
+    pub output: Format,
+    pub topics: BTreeMap<String, Format>,
+    /// Register the stage's writer schema when its subject lacks it (off: `schemas register`
+    /// is the deliberate, compatibility-checked step; a stage should not evolve a contract).
+    pub auto_register: bool,
+}
+
+impl CodecSettings {
+    pub fn input_format(&self, topic: &str) -> Format {
+        self.topics.get(topic).copied().unwrap_or(self.input)
+    }
+
+    pub fn output_format(&self, topic: &str) -> Format {
+        self.topics.get(topic).copied().unwrap_or(self.output)
+    }
+
+    /// Whether any topic may be Avro, i.e. whether a registry client is needed at all.
+    pub fn uses_avro(&self) -> bool {
+        self.input == Format::Avro
+            || self.output == Format::Avro
+            || self.topics.values().any(|f| *f == Format::Avro)
+    }
+}
+
+/// Why a record could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    /// The record's fault: dead-letter it with `kind` (metric label and header).
+    #[error("{reason}")]
+    Record { kind: &'static str, reason: String },
+    /// The registry's fault: wait and retry, never dead-letter.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn record_error(kind: &'static str, reason: impl Into<String>) -> CodecError {
+    CodecError::Record {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// One stage's codec for one record type (its schema): decodes what it reads, encodes what it
+/// writes. Cheap to clone; clones share the registry caches.
+#[derive(Clone, Debug)]
+pub struct Codec {
+    settings: Arc<CodecSettings>,
+    registry: Option<Arc<Registry>>,
+    schema_name: SchemaName,
+    schema: Arc<Schema>,
+    /// Per writer schema id: whether it resolves to `schema` (the reason if not).
+    resolvable: Arc<Mutex<HashMap<u32, Result<(), String>>>>,
+    /// Per output topic: the id of `schema` under the topic's subject.
+    writer_ids: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Codec {
+    /// `registry` may be `None` only when no topic is Avro.
+    pub fn new(
+        settings: Arc<CodecSettings>,
+        registry: Option<Arc<Registry>>,
+        schema_name: SchemaName,
+    ) -> Codec {
+        Codec {
+            settings,
+            registry,
+            schema_name,
+            schema: Arc::new(schema_name.parse()),
+            resolvable: Arc::default(),
+            writer_ids: Arc::default(),
+        }
+    }
+
+    /// A JSON-only codec (tests, tools that never see Avro).
+    pub fn json(schema_name: SchemaName) -> Codec {
+        Codec::new(Arc::new(CodecSettings::default()), None, schema_name)
+    }
+
+    pub fn settings(&self) -> &CodecSettings {
+        &self.settings
+    }
+
+    fn registry(&self) -> Result<&Registry, CodecError> {
+        self.registry
+            .as_deref()
+            .ok_or_else(|| CodecError::Unavailable("no schema registry configured".into()))
+    }
+
+    /// A consumed record's value as JSON bytes (borrowed as-is for JSON topics).
+    pub async fn decode<'a>(
+        &self,
+        topic: &str,
+        bytes: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>, CodecError> {
+        if self.settings.input_format(topic) == Format::Json {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        if bytes.len() < HEADER_BYTES {
+            return Err(record_error(
+                "avro_magic",
+                format!(
+                    "record is {} bytes, shorter than the 5-byte Confluent Avro header",
+                    bytes.len()
+                ),
+            ));
+        }
+        if bytes[0] != MAGIC_BYTE {
+            return Err(record_error(
+                "avro_magic",
+                format!(
+                    "first byte is {:#04x}, not the Confluent Avro magic byte 0x00",
+                    bytes[0]
+                ),
+            ));
+        }
+        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let registry = self.registry()?;
+        let writer = match registry.cached(id) {
+            Some(schema) => schema,
+            None => registry.schema_by_id(id).await.map_err(|e| match e {
+                RegistryError::UnknownSchemaId(_) => {
+                    record_error("avro_unknown_schema", e.to_string())
+                }
+                RegistryError::InvalidSchema { .. } => {
+                    record_error("avro_unknown_schema", e.to_string())
+                }
+                other => CodecError::Unavailable(other.to_string()),
+            })?,
+        };
+        self.check_resolvable(id, &writer)?;
+        let mut body = &bytes[HEADER_BYTES..];
+        let value = GenericDatumReader::builder(&writer)
+            .reader_schema(&self.schema)
+            .build()
+            .and_then(|reader| reader.read_value(&mut body))
+            .map_err(|e| {
+                record_error(
+                    "avro_body",
+                    format!("body does not match writer schema id {id}: {e}"),
+                )
+            })?;
+        if !body.is_empty() {
+            return Err(record_error(
+                "avro_body",
+                format!(
+                    "{} bytes left after the record of writer schema id {id}",
+                    body.len()
+                ),
+            ));
+        }
+        let json = transcode::avro_to_json(&value, &self.schema)
+            .map_err(|e| record_error("avro_body", e.to_string()))?;
+        Ok(Cow::Owned(
+            serde_json::to_vec(&json).expect("JSON values always serialize"),
+        ))
+    }
+
+    fn check_resolvable(&self, id: u32, writer: &Schema) -> Result<(), CodecError> {
+        let mut known = self.resolvable.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict = known.entry(id).or_insert_with(|| {
+            SchemaCompatibility::can_read(writer, &self.schema)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        verdict.clone().map_err(|reason| {
+            record_error(
+                "avro_incompatible_schema",
+                format!(
+                    "writer schema id {id} cannot be read as schemas/{}.avsc: {reason}",
+                    self.schema_name.file_stem()
+                ),
+            )
+        })
+    }
+
+    /// A JSON value the stage built, in `topic`'s format.
+    pub async fn encode(&self, topic: &str, json: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+        if self.settings.output_format(topic) == Format::Json {
+            return Ok(json);
+        }
+        let id = self.writer_id(topic).await?;
+        let value: serde_json::Value = serde_json::from_slice(&json)
+            .map_err(|e| record_error("avro_encode", format!("output is not JSON: {e}")))?;
+        let avro = transcode::json_to_avro(&value, &self.schema).map_err(|e| {
+            record_error(
+                "avro_encode",
+                format!(
+                    "output does not fit schemas/{}.avsc: {e}",
+                    self.schema_name.file_stem()
+                ),
+            )
+        })?;
+        let body = GenericDatumWriter::builder(&self.schema)
+            .build()
+            .and_then(|writer| writer.write_value_to_vec(avro))
+            .map_err(|e| record_error("avro_encode", e.to_string()))?;
+        let mut framed = Vec::with_capacity(HEADER_BYTES + body.len());
+        framed.push(MAGIC_BYTE);
+        framed.extend_from_slice(&id.to_be_bytes());
+        framed.extend_from_slice(&body);
+        Ok(framed)
+    }
+
+    async fn writer_id(&self, topic: &str) -> Result<u32, CodecError> {
+        if let Some(id) = self
+            .writer_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+        {
+            return Ok(*id);
+        }
+        let registry = self.registry()?;
+        let subject = value_subject(topic);
+        let text = self.schema_name.text();
+        let id = match registry.lookup_id(&subject, text).await {
+            Ok(id) => id,
+            Err(RegistryError::NotRegistered { .. }) if self.settings.auto_register => registry
+                .register(&subject, text)
+                .await
+                .map_err(|e| CodecError::Unavailable(e.to_string()))?,
+            // A missing registration is configuration, not the record's fault: wait (loudly)
+            // until someone runs `eventpipe schemas register`.
+            Err(e) => return Err(CodecError::Unavailable(e.to_string())),
+        };
+        self.writer_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_string(), id);
+        Ok(id)
+    }
+
+    /// Resolves what every output topic needs (its writer schema id) before work starts, so a
+    /// missing registration is reported at start-up rather than at the first record.
+    pub async fn prepare_outputs(&self, topics: &[String]) -> Result<(), CodecError> {
+        for topic in topics {
+            if self.settings.output_format(topic) == Format::Avro {
+                self.writer_id(topic).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `op` until it succeeds or fails for a reason other than the registry being
+/// unavailable, backing off between attempts; `None` if shutdown came first.
+pub async fn until_available<T, F, Fut>(
+    stage: &'static str,
+    shutdown: &CancellationToken,
+    mut op: F,
+) -> Option<Result<T, CodecError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CodecError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u64;
+    loop {
+        match op().await {
+            Err(CodecError::Unavailable(reason)) => {
+                attempts += 1;
+                metrics::counter!("eventpipe_schema_registry_errors_total", "stage" => stage)
+                    .increment(1);
+                if attempts == 1 || attempts % 10 == 0 {
+                    tracing::warn!(%reason, attempts, "schema registry unavailable; waiting");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// The shared registry client, if any topic is Avro.
+pub fn registry_for(
+    settings: &CodecSettings,
+    url: &url::Url,
+) -> Result<Option<Arc<Registry>>, RegistryError> {
+    if settings.uses_avro() {
+        Ok(Some(Arc::new(Registry::new(url)?)))
+    } else {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn avro_settings() -> Arc<CodecSettings> {
+        Arc::new(CodecSettings {
+            input: Format::Avro,
+            output: Format::Avro,
+            ..CodecSettings::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn json_topics_pass_bytes_through_untouched() {
+        let codec = Codec::json(SchemaName::Envelope);
+        let bytes = br#"{"anything": true}"#;
+        assert!(matches!(
+            codec.decode("t", bytes).await.unwrap(),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(codec.encode("t", bytes.to_vec()).await.unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn framing_defects_are_the_records_fault_without_asking_the_registry() {
+        let codec = Codec::new(avro_settings(), None, SchemaName::Envelope);
+        for bad in [&b"{\"a\":1}"[..], &[0, 0, 1][..]] {
+            match codec.decode("t", bad).await {
+                Err(CodecError::Record { kind, .. }) => assert_eq!(kind, "avro_magic"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn per_topic_formats_override_the_defaults() {
+        let settings = CodecSettings {
+            input: Format::Json,
+            output: Format::Avro,
+            topics: BTreeMap::from([("task_in".to_string(), Format::Avro)]),
+            auto_register: false,
+        };
+        assert_eq!(settings.input_format("task_in"), Format::Avro);
+        assert_eq!(settings.input_format("create_user_in"), Format::Json);
+        assert_eq!(settings.output_format("info_in"), Format::Avro);
+        assert!(settings.uses_avro());
+        assert!(!CodecSettings::default().uses_avro());
+        assert_eq!("AVRO".parse::<Format>(), Ok(Format::Avro));
+        assert!("xml".parse::<Format>().is_err());
+    }
+}

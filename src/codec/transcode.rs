@@ -1,0 +1,364 @@
+//! Schema-guided conversion between Avro values and the JSON the stages process, both ways.
+//! Pure (no I/O): the codec wraps it with the Confluent framing and the registry.
+//!
+//! The mapping is the one a person reading the JSON would expect, not Avro's JSON encoding:
+//! unions are unwrapped (`null` or the branch's value), `timestamp-millis` longs are RFC 3339
+//! text, and a string field marked `"eventpipe.format": "json"` carries embedded JSON (the
+//! services' free-form `payload.data`) that becomes a JSON value again.
+
+use apache_avro::schema::{RecordField, Schema, UnionSchema};
+use apache_avro::types::Value as Avro;
+use chrono::{DateTime, SecondsFormat};
+use serde_json::{Map, Number, Value as Json};
+
+use crate::envelope::parse_timestamp;
+
+/// The custom field attribute that marks a string as embedded JSON text.
+pub const FORMAT_ATTRIBUTE: &str = "eventpipe.format";
+
+/// Why a value does not fit its schema; `path` names the field (`payload.data`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{path}`: {reason}")]
+pub struct TranscodeError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn error(path: &str, reason: impl Into<String>) -> TranscodeError {
+    TranscodeError {
+        path: if path.is_empty() {
+            "<root>".into()
+        } else {
+            path.into()
+        },
+        reason: reason.into(),
+    }
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+fn is_json_text(field: &RecordField) -> bool {
+    field
+        .custom_attributes
+        .get(FORMAT_ATTRIBUTE)
+        .and_then(|v| v.as_str())
+        == Some("json")
+}
+
+/// An Avro value (already resolved to `schema`, the reader's) as JSON.
+pub fn avro_to_json(value: &Avro, schema: &Schema) -> Result<Json, TranscodeError> {
+    to_json(value, schema, "", false)
+}
+
+fn to_json(
+    value: &Avro,
+    schema: &Schema,
+    path: &str,
+    json_text: bool,
+) -> Result<Json, TranscodeError> {
+    Ok(match (value, schema) {
+        (Avro::Union(index, inner), Schema::Union(union)) => {
+            let branch = union
+                .variants()
+                .get(*index as usize)
+                .ok_or_else(|| error(path, format!("union branch {index} does not exist")))?;
+            to_json(inner, branch, path, json_text)?
+        }
+        (Avro::Record(fields), Schema::Record(record)) => {
+            let mut object = Map::with_capacity(fields.len());
+            for (name, field_value) in fields {
+                let field = record
+                    .lookup
+                    .get(name)
+                    .map(|&i| &record.fields[i])
+                    .ok_or_else(|| error(path, format!("field {name:?} is not in the schema")))?;
+                let child = join(path, name);
+                object.insert(
+                    name.clone(),
+                    to_json(field_value, &field.schema, &child, is_json_text(field))?,
+                );
+            }
+            Json::Object(object)
+        }
+        (Avro::String(text), _) if json_text => serde_json::from_str(text)
+            .map_err(|e| error(path, format!("embedded JSON text does not parse: {e}")))?,
+        (Avro::Null, _) => Json::Null,
+        (Avro::Boolean(b), _) => Json::Bool(*b),
+        (Avro::Int(n), _) | (Avro::Date(n), _) | (Avro::TimeMillis(n), _) => Json::from(*n),
+        (Avro::Long(n), _) | (Avro::TimeMicros(n), _) | (Avro::TimestampMicros(n), _) => {
+            Json::from(*n)
+        }
+        (Avro::TimestampMillis(ms), _) | (Avro::LocalTimestampMillis(ms), _) => {
+            match DateTime::from_timestamp_millis(*ms) {
+                Some(t) => Json::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                None => Json::from(*ms),
+            }
+        }
+        (Avro::Float(f), _) => number(f64::from(*f), path)?,
+        (Avro::Double(f), _) => number(*f, path)?,
+        (Avro::String(s), _) | (Avro::Enum(_, s), _) => Json::String(s.clone()),
+        (Avro::Uuid(u), _) => Json::String(u.to_string()),
+        (Avro::Array(items), Schema::Array(array)) => Json::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| to_json(item, &array.items, &format!("{path}[{i}]"), false))
+                .collect::<Result<_, _>>()?,
+        ),
+        (Avro::Map(entries), Schema::Map(map)) => Json::Object(
+            entries
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), to_json(v, &map.types, &join(path, k), false)?)))
+                .collect::<Result<_, TranscodeError>>()?,
+        ),
+        (other, _) => {
+            return Err(error(
+                path,
+                format!("Avro value {other:?} has no JSON mapping here"),
+            ))
+        }
+    })
+}
+
+fn number(f: f64, path: &str) -> Result<Json, TranscodeError> {
+    Number::from_f64(f)
+        .map(Json::Number)
+        .ok_or_else(|| error(path, format!("{f} is not a finite number")))
+}
+
+/// A JSON value as an Avro value of `schema` (the writer's); a field absent from the JSON takes
+/// the schema's default, or is an error naming it.
+pub fn json_to_avro(value: &Json, schema: &Schema) -> Result<Avro, TranscodeError> {
+    to_avro(value, schema, "", false)
+}
+
+fn to_avro(
+    value: &Json,
+    schema: &Schema,
+    path: &str,
+    json_text: bool,
+) -> Result<Avro, TranscodeError> {
+    let mismatch = |expected: &str| {
+        error(
+            path,
+            format!("expected {expected}, found {}", json_kind(value)),
+        )
+    };
+    Ok(match schema {
+        Schema::Union(union) => union_branch(value, union, path, json_text)?,
+        Schema::Null => match value {
+            Json::Null => Avro::Null,
+            _ => return Err(mismatch("null")),
+        },
+        Schema::String if json_text => Avro::String(value.to_string()),
+        Schema::String => match value {
+            Json::String(s) => Avro::String(s.clone()),
+            _ => return Err(mismatch("a string")),
+        },
+        Schema::Boolean => Avro::Boolean(value.as_bool().ok_or_else(|| mismatch("a boolean"))?),
+        Schema::Int => {
+            let n = value.as_i64().ok_or_else(|| mismatch("an integer"))?;
+            Avro::Int(
+                i32::try_from(n).map_err(|_| error(path, format!("{n} does not fit an int")))?,
+            )
+        }
+        Schema::Long => Avro::Long(value.as_i64().ok_or_else(|| mismatch("an integer"))?),
+        Schema::Float => Avro::Float(value.as_f64().ok_or_else(|| mismatch("a number"))? as f32),
+        Schema::Double => Avro::Double(value.as_f64().ok_or_else(|| mismatch("a number"))?),
+        Schema::TimestampMillis => Avro::TimestampMillis(match value {
+            Json::String(text) => parse_timestamp(text)
+                .ok_or_else(|| error(path, format!("{text:?} is not an RFC 3339 timestamp")))?
+                .timestamp_millis(),
+            _ => value.as_i64().ok_or_else(|| mismatch("a timestamp"))?,
+        }),
+        Schema::Enum(e) => {
+            let symbol = value.as_str().ok_or_else(|| mismatch("a string"))?;
+            let index =
+                e.symbols.iter().position(|s| s == symbol).ok_or_else(|| {
+                    error(path, format!("{symbol:?} is not one of {:?}", e.symbols))
+                })?;
+            Avro::Enum(index as u32, symbol.to_string())
+        }
+        Schema::Array(array) => {
+            let items = value.as_array().ok_or_else(|| mismatch("an array"))?;
+            Avro::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| to_avro(item, &array.items, &format!("{path}[{i}]"), false))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        Schema::Map(map) => {
+            let entries = value.as_object().ok_or_else(|| mismatch("an object"))?;
+            Avro::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), to_avro(v, &map.types, &join(path, k), false)?)))
+                    .collect::<Result<_, TranscodeError>>()?,
+            )
+        }
+        Schema::Record(record) => {
+            let object = value.as_object().ok_or_else(|| mismatch("an object"))?;
+            let mut fields = Vec::with_capacity(record.fields.len());
+            for field in &record.fields {
+                let child = join(path, &field.name);
+                let field_value = match object.get(&field.name) {
+                    Some(v) => to_avro(v, &field.schema, &child, is_json_text(field))?,
+                    None => match &field.default {
+                        // A default is written in the JSON of the field's (first) type.
+                        Some(default) => to_avro(default, &field.schema, &child, false)?,
+                        None => {
+                            return Err(error(&child, "missing, and the schema has no default"))
+                        }
+                    },
+                };
+                fields.push((field.name.clone(), field_value));
+            }
+            Avro::Record(fields)
+        }
+        other => {
+            return Err(error(
+                path,
+                format!("Avro type {other:?} is not supported by eventpipe's JSON mapping"),
+            ))
+        }
+    })
+}
+
+/// Picks the union branch for a JSON value: `null` for null, otherwise the first non-null
+/// branch the value fits.
+fn union_branch(
+    value: &Json,
+    union: &UnionSchema,
+    path: &str,
+    json_text: bool,
+) -> Result<Avro, TranscodeError> {
+    let variants = union.variants();
+    if value.is_null() {
+        if let Some(index) = variants.iter().position(|s| matches!(s, Schema::Null)) {
+            return Ok(Avro::Union(index as u32, Box::new(Avro::Null)));
+        }
+    }
+    let mut last_error = None;
+    for (index, branch) in variants.iter().enumerate() {
+        if matches!(branch, Schema::Null) {
+            continue;
+        }
+        match to_avro(value, branch, path, json_text) {
+            Ok(v) => return Ok(Avro::Union(index as u32, Box::new(v))),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        error(
+            path,
+            format!("{} fits no branch of the union", json_kind(value)),
+        )
+    }))
+}
+
+fn json_kind(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::schemas::SchemaName;
+    use serde_json::json;
+
+    fn round_trip(schema: SchemaName, value: Json) -> Json {
+        let schema = schema.parse();
+        let avro = json_to_avro(&value, &schema).unwrap();
+        let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(avro)
+            .unwrap();
+        let back = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut bytes.as_slice())
+            .unwrap();
+        avro_to_json(&back, &schema).unwrap()
+    }
+
+    #[test]
+    fn envelopes_keep_free_form_data_as_json() {
+        let envelope = json!({"service": "lk", "action": "create_user", "payload": {
+            "message": "hi", "timestamp": "2024-05-01T12:00:00.123456",
+            "data": {"user_id": 42, "tags": ["a", {"b": null}], "ratio": 0.1}}});
+        assert_eq!(round_trip(SchemaName::Envelope, envelope.clone()), envelope);
+        // Absent data takes the default (null).
+        let bare =
+            json!({"service": "lk", "action": "a", "payload": {"message": "m", "timestamp": "t"}});
+        let back = round_trip(SchemaName::Envelope, bare);
+        assert_eq!(back["payload"]["data"], Json::Null);
+    }
+
+    #[test]
+    fn events_with_and_without_source() {
+        let event = json!({"service": "eventpipe-dispatch", "action": "create_user", "payload": {
+            "message": "m", "timestamp": "2026-11-23T18:00:00.123456Z", "data": {"x": 1}, "level": null},
+            "source": {"service": "lk", "action": "create_user", "topic": "create_user_in",
+            "partition": 2, "offset": 9_000_000_000_i64, "timestamp": "t", "key": "42"}});
+        assert_eq!(round_trip(SchemaName::Event, event.clone()), event);
+        let plain =
+            json!({"service": "lk", "action": "a", "payload": {"message": "m", "timestamp": "t"}});
+        let back = round_trip(SchemaName::Event, plain);
+        assert_eq!(back["source"], Json::Null);
+        assert_eq!(back["payload"]["level"], Json::Null);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_text_in_json_and_millis_in_avro() {
+        let aggregate = json!({"name": "cpu", "function": "avg", "window_start": "2024-05-01T12:00:00.000Z",
+            "window_end": "2024-05-01T12:01:00.000Z", "value": 0.5, "count": 3,
+            "emitted_at": "2024-05-01T12:01:02.345Z"});
+        assert_eq!(
+            round_trip(SchemaName::Aggregate, aggregate.clone()),
+            aggregate
+        );
+        let schema = SchemaName::Aggregate.parse();
+        let Avro::Record(fields) = json_to_avro(&aggregate, &schema).unwrap() else {
+            panic!("a record")
+        };
+        assert_eq!(fields[2].1, Avro::TimestampMillis(1_714_564_800_000));
+    }
+
+    #[test]
+    fn mismatches_name_the_field() {
+        let schema = SchemaName::Envelope.parse();
+        let missing = json!({"service": "lk", "payload": {"message": "m", "timestamp": "t"}});
+        let e = json_to_avro(&missing, &schema).unwrap_err();
+        assert_eq!(e.path, "action");
+        let wrong =
+            json!({"service": "lk", "action": "a", "payload": {"message": 5, "timestamp": "t"}});
+        let e = json_to_avro(&wrong, &schema).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "field `payload.message`: expected a string, found a number"
+        );
+        let schema = SchemaName::AggregateEvent.parse();
+        let e = json_to_avro(
+            &json!({"name": "n", "function": "sum", "value": "x", "timestamp": "t"}),
+            &schema,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "value");
+    }
+}
