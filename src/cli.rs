@@ -100,11 +100,47 @@ pub enum Command {
     },
     /// Check that Kafka, Elasticsearch, the schema registry and PostgreSQL answer.
     Check,
+    /// Avro schemas under schemas/ against the registry's `<topic>-value` subjects.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
     /// Benchmarks on the local stack, each next to a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemasCommand {
+    /// Check compatibility first, then register each topic's value schema; refuses an
+    /// incompatible change and says which field breaks it.
+    Register {
+        #[command(flatten)]
+        args: SchemasArgs,
+    },
+    /// The same checks without registering anything (for CI).
+    Check {
+        #[command(flatten)]
+        args: SchemasArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SchemasArgs {
+    /// Topic definitions naming each topic's `value_schema`.
+    #[arg(long, default_value = "topics/topics.toml")]
+    pub topics_file: PathBuf,
+    /// Where the `<value_schema>.avsc` files are.
+    #[arg(long, default_value = "schemas")]
+    pub schemas_dir: PathBuf,
+    /// Compatibility level to check against and to set on each subject.
+    #[arg(long, default_value = "BACKWARD")]
+    pub compatibility: String,
+    /// Only these topics (comma-separated); all topics with a value_schema by default.
+    #[arg(long, value_delimiter = ',')]
+    pub topic: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +219,62 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }
+}
+
+/// `eventpipe schemas register|check`: one line per subject, an error if any is incompatible.
+async fn run_schemas(
+    settings: &Settings,
+    args: &SchemasArgs,
+    register: bool,
+) -> anyhow::Result<()> {
+    use crate::codec::subjects::{apply_subject, Compatibility, Outcome};
+    let level: Compatibility =
+        args.compatibility
+            .parse()
+            .map_err(|reason| ConfigError::Invalid {
+                setting: "--compatibility".into(),
+                value: args.compatibility.clone(),
+                reason,
+            })?;
+    let specs = topics::load(&args.topics_file)?;
+    let selected: Vec<_> = specs
+        .iter()
+        .filter_map(|spec| spec.value_schema.map(|schema| (spec.name.as_str(), schema)))
+        .filter(|(name, _)| args.topic.is_empty() || args.topic.iter().any(|t| t == name))
+        .collect();
+    if selected.is_empty() {
+        anyhow::bail!(
+            "no topic in {} has a value_schema{}",
+            args.topics_file.display(),
+            if args.topic.is_empty() {
+                ""
+            } else {
+                " among --topic"
+            }
+        );
+    }
+    let registry = crate::codec::Registry::new(&settings.schema_registry_url)?;
+    let mut incompatible = 0;
+    for (topic, schema) in &selected {
+        let file = args
+            .schemas_dir
+            .join(format!("{}.avsc", schema.file_stem()));
+        let report = apply_subject(&registry, topic, &file, level, register)
+            .await
+            .with_context(|| format!("schema registry at {}", redact_url(registry.url())))?;
+        if matches!(report.outcome, Outcome::Incompatible { .. }) {
+            incompatible += 1;
+        }
+        println!("{report}");
+    }
+    if incompatible > 0 {
+        anyhow::bail!(
+            "{incompatible} of {} subjects incompatible ({}); nothing was registered for them",
+            selected.len(),
+            level.name()
+        );
+    }
+    Ok(())
 }
 
 fn report(error: &anyhow::Error) -> ExitCode {
@@ -296,6 +388,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check => check(&settings).await,
+        Command::Schemas { command } => match command {
+            SchemasCommand::Register { args } => run_schemas(&settings, &args, true).await,
+            SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
+        },
         Command::Bench {
             command:
                 BenchCommand::Log {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::codec::{CodecSettings, Format};
 use clap::Args;
 use serde::Deserialize;
 use url::Url;
@@ -82,6 +83,21 @@ const SCHEMA_REGISTRY: SettingName = SettingName {
     env: "SCHEMA_REGISTRY_URL",
     flag: "--schema-registry-url",
 };
+const INPUT_FORMAT: SettingName = SettingName {
+    key: "codec.input_format",
+    env: "EVENTPIPE_INPUT_FORMAT",
+    flag: "--input-format",
+};
+const OUTPUT_FORMAT: SettingName = SettingName {
+    key: "codec.output_format",
+    env: "EVENTPIPE_OUTPUT_FORMAT",
+    flag: "--output-format",
+};
+const TOPIC_FORMAT: SettingName = SettingName {
+    key: "codec.topics",
+    env: "EVENTPIPE_TOPIC_FORMATS",
+    flag: "--topic-format",
+};
 const POSTGRES: SettingName = SettingName {
     key: "postgres.url",
     env: "POSTGRES_CONNECTION_STRING",
@@ -134,6 +150,25 @@ pub struct SettingsArgs {
     pub schema_registry_url: Option<String>,
     #[arg(long, global = true, env = "POSTGRES_CONNECTION_STRING")]
     pub postgres_url: Option<String>,
+    /// Format of the topics a stage reads: json or avro (Confluent framing, schema registry).
+    #[arg(long, global = true, env = "EVENTPIPE_INPUT_FORMAT")]
+    pub input_format: Option<String>,
+    /// Format of the topics a stage writes (dead letters always keep the input's bytes).
+    #[arg(long, global = true, env = "EVENTPIPE_OUTPUT_FORMAT")]
+    pub output_format: Option<String>,
+    /// One topic's format, TOPIC=json|avro, over the defaults; repeatable or comma-separated.
+    #[arg(
+        long = "topic-format",
+        global = true,
+        env = "EVENTPIPE_TOPIC_FORMATS",
+        value_delimiter = ',',
+        value_name = "TOPIC=FORMAT"
+    )]
+    pub topic_formats: Vec<String>,
+    /// Register a stage's writer schema if its subject lacks it (default: refuse and wait for
+    /// `eventpipe schemas register`, the compatibility-checked step).
+    #[arg(long, global = true, env = "EVENTPIPE_SCHEMA_AUTO_REGISTER")]
+    pub schema_auto_register: Option<bool>,
     /// Log format: text or json (one JSON object per line).
     #[arg(long, global = true, env = "EVENTPIPE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -162,6 +197,7 @@ pub struct FileSettings {
     pub elasticsearch: FileUrl,
     pub schema_registry: FileUrl,
     pub postgres: FileUrl,
+    pub codec: FileCodec,
     pub telemetry: FileTelemetry,
     pub aggregate: FileAggregate,
     pub dispatch: FileDispatch,
@@ -199,6 +235,16 @@ pub struct FileUrl {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct FileCodec {
+    pub input_format: Option<String>,
+    pub output_format: Option<String>,
+    /// Topic name to format, over the defaults.
+    pub topics: BTreeMap<String, String>,
+    pub auto_register: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FileTelemetry {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
@@ -229,6 +275,8 @@ pub struct Settings {
     pub elasticsearch_url: Url,
     pub schema_registry_url: Url,
     pub postgres_url: Url,
+    /// Which topics are JSON and which Avro.
+    pub codec: CodecSettings,
     pub telemetry: TelemetrySettings,
     pub aggregate: AggregateSettings,
     /// Dispatch settings from the file and defaults; `eventpipe dispatch` merges its flags over
@@ -524,6 +572,8 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_POSTGRES_URL.into()),
         )?;
 
+        let codec = resolve_codec(args, file.codec)?;
+
         let log_format = match args
             .log_format
             .clone()
@@ -615,6 +665,7 @@ impl Settings {
             elasticsearch_url,
             schema_registry_url,
             postgres_url,
+            codec,
             telemetry: TelemetrySettings {
                 log_format,
                 log_filter,
@@ -628,6 +679,49 @@ impl Settings {
             },
         })
     }
+}
+
+fn parse_format(name: &SettingName, raw: &str) -> Result<Format, ConfigError> {
+    raw.parse::<Format>()
+        .map_err(|reason| ConfigError::invalid(name, raw, reason))
+}
+
+/// Formats: flags (and their variables) over the file's `[codec]` table, json by default.
+fn resolve_codec(args: &SettingsArgs, file: FileCodec) -> Result<CodecSettings, ConfigError> {
+    let input = args.input_format.clone().or(file.input_format);
+    let output = args.output_format.clone().or(file.output_format);
+    let mut topics = BTreeMap::new();
+    for (topic, raw) in file.topics {
+        topics.insert(topic, parse_format(&TOPIC_FORMAT, &raw)?);
+    }
+    for pair in args.topic_formats.iter().filter(|p| !p.trim().is_empty()) {
+        let (topic, raw) = pair.split_once('=').ok_or_else(|| {
+            ConfigError::invalid(&TOPIC_FORMAT, pair.as_str(), "expected TOPIC=json|avro")
+        })?;
+        if !crate::topics::valid_topic_name(topic.trim()) {
+            return Err(ConfigError::invalid(
+                &TOPIC_FORMAT,
+                pair.as_str(),
+                "not a valid topic name",
+            ));
+        }
+        topics.insert(topic.trim().to_string(), parse_format(&TOPIC_FORMAT, raw)?);
+    }
+    Ok(CodecSettings {
+        input: input
+            .map(|raw| parse_format(&INPUT_FORMAT, &raw))
+            .transpose()?
+            .unwrap_or_default(),
+        output: output
+            .map(|raw| parse_format(&OUTPUT_FORMAT, &raw))
+            .transpose()?
+            .unwrap_or_default(),
+        topics,
+        auto_register: args
+            .schema_auto_register
+            .or(file.auto_register)
+            .unwrap_or(false),
+    })
 }
 
 /// This machine's name, for default instance ids.

@@ -1,6 +1,7 @@
 //! Topic definitions (topics/topics.toml) and the pure plan that brings a cluster in line with
 //! them: create what is missing, grow partitions, set configs — never delete or shrink.
 
+use crate::codec::SchemaName;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -59,6 +60,8 @@ struct TopicEntry {
     dead_letter: bool,
     #[serde(default)]
     description: String,
+    /// The schemas/ file (stem) of this topic's record values, registered as `<name>-value`.
+    value_schema: Option<String>,
 }
 
 /// One topic as it should exist on the cluster.
@@ -69,6 +72,9 @@ pub struct TopicSpec {
     pub replication_factor: i32,
     pub config: BTreeMap<String, String>,
     pub description: String,
+    /// What this topic's values are (`eventpipe schemas register` uses it); none for dead
+    /// letters, which keep whatever bytes failed.
+    pub value_schema: Option<SchemaName>,
 }
 
 /// What the cluster has now for one topic (`None` in the plan input means it does not exist).
@@ -178,6 +184,16 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
                 entry.name
             ));
         }
+        let value_schema = match &entry.value_schema {
+            None => None,
+            Some(stem) => Some(SchemaName::from_stem(stem).ok_or_else(|| {
+                format!(
+                    "topic {}: value_schema {stem:?} is not a file under schemas/ (one of {})",
+                    entry.name,
+                    SchemaName::ALL.map(SchemaName::file_stem).join(", ")
+                )
+            })?),
+        };
         let mut config = file.defaults.config.clone();
         config.extend(entry.config);
         let dead_letter = entry.dead_letter.then(|| {
@@ -189,6 +205,7 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
                 replication_factor,
                 config: dlq_config,
                 description: format!("dead letters of {}", entry.name),
+                value_schema: None,
             }
         });
         specs.push(TopicSpec {
@@ -197,6 +214,7 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
             replication_factor,
             config,
             description: entry.description,
+            value_schema,
         });
         specs.extend(dead_letter);
     }

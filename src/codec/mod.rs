@@ -10,6 +10,7 @@
 
 pub mod registry;
 pub mod schemas;
+pub mod subjects;
 pub mod transcode;
 
 use std::borrow::Cow;
