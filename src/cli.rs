@@ -296,9 +296,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
-            let summary =
-                crate::dispatch::run(&settings.kafka, &dispatch, &registry, readiness, shutdown)
-                    .await?;
+            let codecs = crate::dispatch::transform::DispatchCodecs::new(
+                std::sync::Arc::new(settings.codec.clone()),
+                crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
+            );
+            let summary = crate::dispatch::run(
+                &settings.kafka,
+                &dispatch,
+                codecs,
+                &registry,
+                readiness,
+                shutdown,
+            )
+            .await?;
             println!(
                 "dispatch stopped: consumed {}, routed {}, dead-lettered {}",
                 summary.consumed, summary.routed, summary.dead_lettered
@@ -328,6 +338,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     input,
                     key_pointer: key_field,
                     raw,
+                    codec: crate::codec::Codec::new(
+                        std::sync::Arc::new(settings.codec.clone()),
+                        crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
+                        crate::codec::SchemaName::Envelope,
+                    ),
                 },
             )
             .await?;

@@ -8,6 +8,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
 
+use crate::codec::{Codec, CodecError};
 use crate::config::KafkaSettings;
 use crate::envelope::Envelope;
 use crate::kafka::client::{create_client, require_topics, wait_for_broker};
@@ -29,6 +30,8 @@ pub enum ProduceError {
     },
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error("schema registry: {0}")]
+    Registry(String),
 }
 
 pub struct ProduceOptions {
@@ -39,6 +42,8 @@ pub struct ProduceOptions {
     pub key_pointer: String,
     /// Send each line as it is, without validating it as an envelope (for testing dead letters).
     pub raw: bool,
+    /// The topic's format: validated lines are encoded with it (Avro: envelope schema).
+    pub codec: Codec,
 }
 
 /// A record ready to send: key, headers and the bytes of the value.
@@ -141,7 +146,22 @@ pub async fn run(settings: &KafkaSettings, options: ProduceOptions) -> Result<u6
                     reason,
                 }
             })?;
-        let Some(prepared) = prepared else { continue };
+        let Some(mut prepared) = prepared else {
+            continue;
+        };
+        if !options.raw {
+            prepared.value = match options.codec.encode(&options.topic, prepared.value).await {
+                Ok(value) => value,
+                Err(CodecError::Record { reason, .. }) => {
+                    return Err(ProduceError::InvalidLine {
+                        source_name: source_name.clone(),
+                        line: index + 1,
+                        reason,
+                    })
+                }
+                Err(CodecError::Unavailable(reason)) => return Err(ProduceError::Registry(reason)),
+            };
+        }
         let mut record = FutureRecord::<[u8], [u8]>::to(&options.topic)
             .payload(prepared.value.as_slice())
             .headers(owned_headers(&prepared.headers));

@@ -15,12 +15,15 @@ use crate::config::{ConfigError, DispatchSettings, KafkaSettings};
 use crate::telemetry::Readiness;
 pub use pipeline::{DispatchError, DispatchSummary};
 use registry::HandlerRegistry;
-use transform::Transformer;
+use transform::{DispatchCodecs, Transformer};
+
+use crate::codec;
 
 /// Loads the routes, binds handlers from `registry`, and runs until `shutdown`.
 pub async fn run(
     kafka: &KafkaSettings,
     settings: &DispatchSettings,
+    codecs: DispatchCodecs,
     registry: &HandlerRegistry,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -32,7 +35,19 @@ pub async fn run(
     metrics::describe();
     let routes = routes::load(&settings.routes_file).map_err(|e| invalid_routes(e.reason))?;
     let router = registry.build(&routes).map_err(invalid_routes)?;
+    // A missing writer-schema registration shows at start-up, not at the first record.
+    let outputs = router.output_topics().to_vec();
+    match codec::until_available("dispatch", &shutdown, || {
+        codecs.output.prepare_outputs(&outputs)
+    })
+    .await
+    {
+        Some(Ok(())) => {}
+        Some(Err(error)) => return Err(error.into()),
+        None => return Ok(DispatchSummary::default()),
+    }
     let transformer = Transformer {
+        codecs,
         router,
         service: settings.service.clone(),
         dead_letter_suffix: settings.dead_letter_suffix.clone(),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{DeliveryMetrics, LoopMetrics};
 use super::transform::{Disposition, InputRecord, OutputRecord, Transformer};
+use crate::codec::{until_available, Codec, CodecError, Format};
 use crate::config::{InputTopics, KafkaSettings};
 use crate::envelope::now_timestamp;
 use crate::kafka::ack::{AckTracker, PartitionId};
@@ -42,6 +43,8 @@ struct Shared {
     fatal: Mutex<Option<String>>,
     /// Dead-letter records whose delivery failed; they are re-sent, never dropped.
     dead_letter_retries: Mutex<Vec<(OwnedMessage, Box<DeliveryToken>)>>,
+    /// The stage's stop signal, for waits inside the loop (the schema registry).
+    shutdown: CancellationToken,
 }
 
 impl Shared {
@@ -128,6 +131,7 @@ pub async fn run(
         tracker: Arc::new(Mutex::new(AckTracker::default())),
         fatal: Mutex::new(None),
         dead_letter_retries: Mutex::new(Vec::new()),
+        shutdown: shutdown.clone(),
     });
 
     let producer: Arc<ThreadedProducer<DeliveryContext>> = Arc::new(
@@ -277,17 +281,18 @@ pub(super) fn subscription(input: &InputTopics) -> Vec<&str> {
     }
 }
 
-/// Decodes and routes one consumed message, counting it; returns its outputs and whether they
-/// are a dead letter. Shared by the at-least-once and the transactional loops.
-pub(super) fn transform_message(
+/// Decodes (JSON or Avro), routes and encodes one consumed message, counting it; returns its
+/// outputs and whether they are a dead letter, or `None` when shutdown came while waiting for
+/// the schema registry (the message is then left unprocessed, to be consumed again). Shared by
+/// the at-least-once and the transactional loops.
+pub(super) async fn transform_message(
     message: &BorrowedMessage<'_>,
     topic_id: &Arc<str>,
     transformer: &Transformer,
     summary: &mut DispatchSummary,
     metrics: &mut LoopMetrics,
-) -> (Vec<OutputRecord>, bool) {
-    summary.consumed += 1;
-    metrics.consumed(topic_id);
+    shutdown: &CancellationToken,
+) -> Option<(Vec<OutputRecord>, bool)> {
     let headers: Vec<(&str, &[u8])> = message
         .headers()
         .map(|h| {
@@ -296,21 +301,44 @@ pub(super) fn transform_message(
                 .collect()
         })
         .unwrap_or_default();
+    let original = message.payload().unwrap_or_default();
+    let codecs = &transformer.codecs;
+    let decoded = until_available("dispatch", shutdown, || {
+        codecs.input.decode(message.topic(), original)
+    })
+    .await?;
+    summary.consumed += 1;
+    metrics.consumed(topic_id);
     let input = InputRecord {
         topic: message.topic(),
         partition: message.partition(),
         offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),
         key: message.key(),
-        payload: message.payload().unwrap_or_default(),
+        payload: decoded.as_deref().unwrap_or(original),
+        original,
         headers,
     };
     let started = Instant::now();
-    match transformer.transform(&input, &now_timestamp()) {
+    let disposition = match &decoded {
+        Ok(_) => transformer.transform(&input, &now_timestamp()),
+        Err(CodecError::Record { kind, reason }) => transformer.dead_letter(&input, kind, reason),
+        Err(CodecError::Unavailable(_)) => unreachable!("until_available retries these"),
+    };
+    let disposition = match disposition {
+        Disposition::Routed { action, outputs } => {
+            match encode_outputs(outputs, &codecs.output, shutdown).await? {
+                Ok(outputs) => Disposition::Routed { action, outputs },
+                Err((kind, reason)) => transformer.dead_letter(&input, kind, &reason),
+            }
+        }
+        dead_letter => dead_letter,
+    };
+    match disposition {
         Disposition::Routed { action, outputs } => {
             metrics.handler_seconds(&action, started.elapsed().as_secs_f64());
             summary.routed += 1;
-            (outputs, false)
+            Some((outputs, false))
         }
         Disposition::DeadLetter { kind, record } => {
             tracing::debug!(
@@ -322,9 +350,33 @@ pub(super) fn transform_message(
             );
             metrics.dead_lettered(topic_id, kind);
             summary.dead_lettered += 1;
-            (vec![record], true)
+            Some((vec![record], true))
         }
     }
+}
+
+/// Outputs in their topics' formats (JSON outputs untouched); an output that does not fit its
+/// schema fails the whole input, which is then dead-lettered; `None` on shutdown.
+async fn encode_outputs(
+    mut outputs: Vec<OutputRecord>,
+    codec: &Codec,
+    shutdown: &CancellationToken,
+) -> Option<Result<Vec<OutputRecord>, (&'static str, String)>> {
+    for output in &mut outputs {
+        if codec.settings().output_format(&output.topic) == Format::Json {
+            continue;
+        }
+        let encoded = until_available("dispatch", shutdown, || {
+            codec.encode(&output.topic, output.value.clone())
+        })
+        .await?;
+        match encoded {
+            Ok(value) => output.value = value,
+            Err(CodecError::Record { kind, reason }) => return Some(Err((kind, reason))),
+            Err(CodecError::Unavailable(_)) => unreachable!("until_available retries these"),
+        }
+    }
+    Some(Ok(outputs))
 }
 
 async fn process(
@@ -336,8 +388,18 @@ async fn process(
     summary: &mut DispatchSummary,
     metrics: &mut LoopMetrics,
 ) {
-    let (outputs, dead_letter) =
-        transform_message(message, &topic_id, transformer, summary, metrics);
+    let Some((outputs, dead_letter)) = transform_message(
+        message,
+        &topic_id,
+        transformer,
+        summary,
+        metrics,
+        &shared.shutdown,
+    )
+    .await
+    else {
+        return;
+    };
     let partition = PartitionId {
         topic: topic_id,
         partition: message.partition(),

@@ -143,13 +143,19 @@ pub async fn run(
                 .entry(current.topic().to_string())
                 .or_insert_with(|| current.topic().into())
                 .clone();
-            let (outputs, _) = transform_message(
+            let Some((outputs, _)) = transform_message(
                 &current,
                 &topic_id,
                 &transformer,
                 &mut batch_summary,
                 &mut loop_metrics,
-            );
+                &shutdown,
+            )
+            .await
+            else {
+                // Shutdown while waiting for the registry: this message stays unconsumed.
+                break;
+            };
             for output in &outputs {
                 if let Err(error) = send(&producer, base_record(output, ())).await {
                     produce_error = Some(error);

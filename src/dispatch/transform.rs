@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::registry::{Inbound, OutData, Router};
+use crate::codec::{Codec, CodecSettings, Registry, SchemaName};
 use crate::dead_letter::{self, SourcePosition};
 use crate::envelope::EnvelopeRef;
 
@@ -17,7 +18,10 @@ pub struct InputRecord<'a> {
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
     pub key: Option<&'a [u8]>,
+    /// The value as JSON (decoded from Avro when the topic is Avro).
     pub payload: &'a [u8],
+    /// The value as consumed: what a dead letter carries, untouched.
+    pub original: &'a [u8],
     pub headers: Vec<(&'a str, &'a [u8])>,
 }
 
@@ -75,9 +79,32 @@ pub enum Disposition {
 
 pub struct Transformer {
     pub router: Router,
+    /// Input envelopes and output events on the wire: JSON or Avro, per topic.
+    pub codecs: DispatchCodecs,
     pub service: String,
     pub dead_letter_suffix: String,
     pub max_envelope_bytes: usize,
+}
+
+/// The dispatcher's two codecs: envelopes in, events out.
+#[derive(Clone, Debug)]
+pub struct DispatchCodecs {
+    pub input: Codec,
+    pub output: Codec,
+}
+
+impl DispatchCodecs {
+    pub fn new(settings: Arc<CodecSettings>, registry: Option<Arc<Registry>>) -> DispatchCodecs {
+        DispatchCodecs {
+            input: Codec::new(settings.clone(), registry.clone(), SchemaName::Envelope),
+            output: Codec::new(settings, registry, SchemaName::Event),
+        }
+    }
+
+    /// JSON everywhere, no registry.
+    pub fn json() -> DispatchCodecs {
+        DispatchCodecs::new(Arc::default(), None)
+    }
 }
 
 impl Transformer {
@@ -163,7 +190,8 @@ impl Transformer {
         }
     }
 
-    fn dead_letter(
+    /// The input, untouched, to its dead-letter topic with `kind` and `reason` as headers.
+    pub fn dead_letter(
         &self,
         input: &InputRecord<'_>,
         kind: &'static str,
@@ -190,7 +218,7 @@ impl Transformer {
             record: OutputRecord {
                 topic: dead_letter::dead_letter_topic(input.topic, &self.dead_letter_suffix).into(),
                 key: input.key.map(<[u8]>::to_vec),
-                value: input.payload.to_vec(),
+                value: input.original.to_vec(),
                 headers,
             },
         }
@@ -212,6 +240,7 @@ mod tests {
         .unwrap();
         Transformer {
             router: HandlerRegistry::with_builtins().build(&routes).unwrap(),
+            codecs: DispatchCodecs::json(),
             service: "eventpipe-dispatch".into(),
             dead_letter_suffix: ".dlq".into(),
             max_envelope_bytes: 4096,
@@ -226,6 +255,7 @@ mod tests {
             timestamp_ms: Some(1_714_564_800_000),
             key: Some(b"42"),
             payload,
+            original: payload,
             headers: vec![("trace", b"abc")],
         }
     }
