@@ -8,7 +8,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::Value;
 
-use crate::codec::{Codec, CodecError};
+use crate::codec::{Codec, CodecError, RecordError};
 use crate::config::KafkaSettings;
 use crate::envelope::Envelope;
 use crate::kafka::client::{create_client, require_topics, wait_for_broker};
@@ -152,7 +152,7 @@ pub async fn run(settings: &KafkaSettings, options: ProduceOptions) -> Result<u6
         if !options.raw {
             prepared.value = match options.codec.encode(&options.topic, prepared.value).await {
                 Ok(value) => value,
-                Err(CodecError::Record { reason, .. }) => {
+                Err(CodecError::Record(RecordError { reason, .. })) => {
                     return Err(ProduceError::InvalidLine {
                         source_name: source_name.clone(),
                         line: index + 1,

@@ -140,6 +140,7 @@ pub fn resolve(
     }
     let ms = |arg: Option<u64>, file: Option<u64>, default: u64| arg.or(file).unwrap_or(default);
     Ok(PipelineConfig {
+        codecs: pipeline::AggregateCodecs::json(),
         dead_letter_topic: crate::dead_letter::dead_letter_topic(
             &input_topic,
             crate::topics::DEAD_LETTER_SUFFIX,
@@ -175,9 +176,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let config = resolve(&settings.aggregate, &args)?;
+    let mut config = resolve(&settings.aggregate, &args)?;
+    let codec_settings = std::sync::Arc::new(settings.codec.clone());
+    let registry = crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?;
+    config.codecs = pipeline::AggregateCodecs::new(codec_settings.clone(), registry.clone());
     let sink = match settings.aggregate.storage_type {
         StorageType::Kafka => sink::Sink::Kafka {
+            codec: crate::codec::Codec::new(
+                codec_settings,
+                registry,
+                crate::codec::SchemaName::Aggregate,
+            ),
             producer: create_client(
                 &settings.kafka,
                 ClientKind::Producer,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::event::Event;
 use super::sink::{Sink, SinkError};
 use super::window::{Checkpoint, Engine, EngineConfig, Outcome};
+use crate::codec::{until_available, Codec, CodecSettings, RecordError, Registry, SchemaName};
 use crate::config::KafkaSettings;
 use crate::dead_letter::{self, SourcePosition};
 use crate::kafka::ack::PartitionId;
@@ -51,6 +52,33 @@ pub struct PipelineConfig {
     pub metrics_topic: String,
     pub metrics_interval: Duration,
     pub engine: EngineConfig,
+    /// Input events and the metrics records on the wire (the Kafka sink has its own).
+    pub codecs: AggregateCodecs,
+}
+
+/// The aggregator's codecs: events in, metrics records out.
+#[derive(Debug, Clone)]
+pub struct AggregateCodecs {
+    pub input: Codec,
+    pub metrics: Codec,
+}
+
+impl AggregateCodecs {
+    pub fn new(settings: Arc<CodecSettings>, registry: Option<Arc<Registry>>) -> AggregateCodecs {
+        AggregateCodecs {
+            input: Codec::new(
+                settings.clone(),
+                registry.clone(),
+                SchemaName::AggregateEvent,
+            ),
+            metrics: Codec::new(settings, registry, SchemaName::Metrics),
+        }
+    }
+
+    /// JSON everywhere, no registry.
+    pub fn json() -> AggregateCodecs {
+        AggregateCodecs::new(Arc::default(), None)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +89,8 @@ pub enum AggregateError {
     Sink(#[from] SinkError),
     #[error("stopped to avoid losing data: dead letter not delivered: {0}")]
     DeadLetterLost(KafkaError),
+    #[error("encoding output: {0}")]
+    Codec(RecordError),
 }
 
 /// What a run did, for the caller's summary line.
@@ -199,6 +229,19 @@ pub async fn run(
         required.push(topic);
     }
     require_topics(&metadata, &required, kafka)?;
+    // Missing writer-schema registrations show at start-up, not at the first window.
+    let mut outputs = vec![(config.codecs.metrics.clone(), config.metrics_topic.clone())];
+    if let Sink::Kafka { topic, codec, .. } = &sink {
+        outputs.push((codec.clone(), topic.clone()));
+    }
+    for (codec, topic) in outputs {
+        let topics = [topic];
+        match until_available("aggregate", &shutdown, || codec.prepare_outputs(&topics)).await {
+            Some(Ok(())) => {}
+            Some(Err(error)) => return Err(AggregateError::Codec(error)),
+            None => return Ok(AggregateSummary::default()),
+        }
+    }
 
     let engine: SharedEngine = Arc::new(Mutex::new(Engine::new(config.engine.clone())));
     let mut consumer_config = client_config(kafka, ClientKind::Consumer);
@@ -243,12 +286,15 @@ pub async fn run(
                 }
             }
             _ = commit_tick.tick() => commit(&consumer, &engine, &mut committed, CommitMode::Async),
-            _ = metrics_tick.tick() => publish_metrics(&producer, config, &mut totals),
+            _ = metrics_tick.tick() => publish_metrics(&producer, config, &mut totals).await,
             received = consumer.recv() => {
                 match received {
                     Ok(message) => {
-                        if let Err(error) = process(&message, &engine, &mut dead_letters, config, &mut totals).await {
-                            break Err(error);
+                        match process(&message, &engine, &mut dead_letters, config, &mut totals, &shutdown).await {
+                            Ok(true) => {}
+                            // Shutdown while waiting for the registry: the message stays unread.
+                            Ok(false) => break Ok(()),
+                            Err(error) => break Err(error),
                         }
                     }
                     Err(error) => tracing::warn!(%error, "consumer error"),
@@ -291,18 +337,31 @@ pub async fn run(
     outcome.map(|()| summary)
 }
 
-/// Decodes one message and applies it, or dead-letters it.
+/// Decodes one message and applies it, or dead-letters it; `false` when shutdown came while
+/// waiting for the schema registry (the message was not taken).
 async fn process(
     message: &BorrowedMessage<'_>,
     engine: &SharedEngine,
     dead_letters: &mut BoundedSender<'_>,
     config: &PipelineConfig,
     totals: &mut Totals,
-) -> Result<(), AggregateError> {
+    shutdown: &CancellationToken,
+) -> Result<bool, AggregateError> {
+    let original = message.payload().unwrap_or_default();
+    let Some(decoded) = until_available("aggregate", shutdown, || {
+        config.codecs.input.decode(message.topic(), original)
+    })
+    .await
+    else {
+        return Ok(false);
+    };
     let started = Instant::now();
     let id = partition_id(message.topic(), message.partition());
     let offset = message.offset();
-    let rejection = match Event::decode(message.payload().unwrap_or_default()) {
+    let event = decoded
+        .map_err(|e| (e.kind, e.reason))
+        .and_then(|json| Event::decode(&json).map_err(|e| (e.kind(), e.to_string())));
+    let rejection = match event {
         Ok(event) => {
             let outcome = lock(engine).apply(&id, offset, &event, started);
             match outcome {
@@ -335,7 +394,7 @@ async fn process(
                 }
             }
         }
-        Err(error) => Some((error.kind(), error.to_string())),
+        Err(rejected) => Some(rejected),
     };
     if let Some((kind, reason)) = rejection {
         totals.summary.failed += 1;
@@ -351,7 +410,7 @@ async fn process(
     let elapsed = started.elapsed();
     totals.processing += elapsed;
     metrics::histogram!("eventpipe_aggregate_processing_seconds").record(elapsed.as_secs_f64());
-    Ok(())
+    Ok(true)
 }
 
 async fn send_dead_letter(
@@ -474,7 +533,7 @@ fn commit(
 
 /// Publishes the totals as JSON to the metrics topic, as the service this stage replaces did:
 /// cumulative counts, and the seconds spent processing events since the previous record.
-fn publish_metrics(
+async fn publish_metrics(
     producer: &FutureProducer<PipelineContext>,
     config: &PipelineConfig,
     totals: &mut Totals,
@@ -488,7 +547,19 @@ fn publish_metrics(
         "processing_time": totals.processing.as_secs_f64(),
     });
     totals.processing = Duration::ZERO;
-    let value = serde_json::to_vec(&record).expect("a json! value always serializes");
+    let json = serde_json::to_vec(&record).expect("a json! value always serializes");
+    let value = match config
+        .codecs
+        .metrics
+        .encode(&config.metrics_topic, json)
+        .await
+    {
+        Ok(value) => value,
+        Err(error) => {
+            tracing::warn!(%error, "metrics record not encoded; skipped");
+            return;
+        }
+    };
     // Fire and forget: a lost metrics record is not worth stopping the stage for.
     if let Err((error, _)) = producer.send_result(
         FutureRecord::<[u8], [u8]>::to(&config.metrics_topic)

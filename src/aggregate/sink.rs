@@ -8,6 +8,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use super::window::Emission;
+use crate::codec::{Codec, CodecError};
 use crate::kafka::delivery::BoundedSender;
 use crate::kafka::{KafkaError, PipelineContext};
 
@@ -24,6 +25,10 @@ pub enum SinkError {
     Postgres(#[from] sqlx::Error),
     #[error("migrating the PostgreSQL schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The registry is unavailable (retried like any sink failure) or an aggregate does not fit
+    /// the schema (a defect: retried, loudly, rather than dropped).
+    #[error("encoding aggregates: {0}")]
+    Codec(#[from] CodecError),
 }
 
 /// The configured output.
@@ -31,6 +36,8 @@ pub enum Sink {
     Kafka {
         producer: FutureProducer<PipelineContext>,
         topic: String,
+        /// JSON or Avro (schemas/aggregate.avsc), per the topic's format.
+        codec: Codec,
     },
     Postgres {
         pool: sqlx::PgPool,
@@ -78,11 +85,16 @@ impl Sink {
         }
         let emitted_at = Utc::now();
         match self {
-            Sink::Kafka { producer, topic } => {
+            Sink::Kafka {
+                producer,
+                topic,
+                codec,
+            } => {
                 let mut sender = BoundedSender::new(producer, KAFKA_MAX_IN_FLIGHT);
                 for emission in emissions {
-                    let value = serde_json::to_vec(&record_json(emission, emitted_at))
+                    let json = serde_json::to_vec(&record_json(emission, emitted_at))
                         .expect("a json! value always serializes");
+                    let value = codec.encode(topic, json).await?;
                     sender
                         .send(
                             FutureRecord::to(topic)

@@ -92,22 +92,30 @@ impl CodecSettings {
     }
 }
 
+/// A record's own defect: dead-letter it with `kind` (metric label and header) and `reason`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason}")]
+pub struct RecordError {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
 /// Why a record could not be decoded or encoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
-    /// The record's fault: dead-letter it with `kind` (metric label and header).
-    #[error("{reason}")]
-    Record { kind: &'static str, reason: String },
+    /// The record's fault.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// The registry's fault: wait and retry, never dead-letter.
     #[error("{0}")]
     Unavailable(String),
 }
 
 fn record_error(kind: &'static str, reason: impl Into<String>) -> CodecError {
-    CodecError::Record {
+    CodecError::Record(RecordError {
         kind,
         reason: reason.into(),
-    }
+    })
 }
 
 /// One stage's codec for one record type (its schema): decodes what it reads, encodes what it
@@ -318,7 +326,7 @@ pub async fn until_available<T, F, Fut>(
     stage: &'static str,
     shutdown: &CancellationToken,
     mut op: F,
-) -> Option<Result<T, CodecError>>
+) -> Option<Result<T, RecordError>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, CodecError>>,
@@ -340,7 +348,8 @@ where
                 }
                 delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
-            other => return Some(other),
+            Err(CodecError::Record(error)) => return Some(Err(error)),
+            Ok(value) => return Some(Ok(value)),
         }
     }
 }
@@ -385,7 +394,7 @@ mod tests {
         let codec = Codec::new(avro_settings(), None, SchemaName::Envelope);
         for bad in [&b"{\"a\":1}"[..], &[0, 0, 1][..]] {
             match codec.decode("t", bad).await {
-                Err(CodecError::Record { kind, .. }) => assert_eq!(kind, "avro_magic"),
+                Err(CodecError::Record(e)) => assert_eq!(e.kind, "avro_magic"),
                 other => panic!("{other:?}"),
             }
         }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{DeliveryMetrics, LoopMetrics};
 use super::transform::{Disposition, InputRecord, OutputRecord, Transformer};
-use crate::codec::{until_available, Codec, CodecError, Format};
+use crate::codec::{until_available, Codec, Format, RecordError};
 use crate::config::{InputTopics, KafkaSettings};
 use crate::envelope::now_timestamp;
 use crate::kafka::ack::{AckTracker, PartitionId};
@@ -322,14 +322,13 @@ pub(super) async fn transform_message(
     let started = Instant::now();
     let disposition = match &decoded {
         Ok(_) => transformer.transform(&input, &now_timestamp()),
-        Err(CodecError::Record { kind, reason }) => transformer.dead_letter(&input, kind, reason),
-        Err(CodecError::Unavailable(_)) => unreachable!("until_available retries these"),
+        Err(error) => transformer.dead_letter(&input, error.kind, &error.reason),
     };
     let disposition = match disposition {
         Disposition::Routed { action, outputs } => {
             match encode_outputs(outputs, &codecs.output, shutdown).await? {
                 Ok(outputs) => Disposition::Routed { action, outputs },
-                Err((kind, reason)) => transformer.dead_letter(&input, kind, &reason),
+                Err(error) => transformer.dead_letter(&input, error.kind, &error.reason),
             }
         }
         dead_letter => dead_letter,
@@ -361,7 +360,7 @@ async fn encode_outputs(
     mut outputs: Vec<OutputRecord>,
     codec: &Codec,
     shutdown: &CancellationToken,
-) -> Option<Result<Vec<OutputRecord>, (&'static str, String)>> {
+) -> Option<Result<Vec<OutputRecord>, RecordError>> {
     for output in &mut outputs {
         if codec.settings().output_format(&output.topic) == Format::Json {
             continue;
@@ -372,8 +371,7 @@ async fn encode_outputs(
         .await?;
         match encoded {
             Ok(value) => output.value = value,
-            Err(CodecError::Record { kind, reason }) => return Some(Err((kind, reason))),
-            Err(CodecError::Unavailable(_)) => unreachable!("until_available retries these"),
+            Err(error) => return Some(Err(error)),
         }
     }
     Some(Ok(outputs))

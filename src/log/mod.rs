@@ -13,6 +13,9 @@ pub mod template;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use crate::codec::{Codec, SchemaName};
 use crate::config::Settings;
 use crate::telemetry::Readiness;
 use bulk::Backoff;
@@ -39,7 +42,12 @@ pub async fn run(
     }
     readiness.set("elasticsearch", true);
     ::metrics::gauge!("eventpipe_log_elasticsearch_up").set(1.0);
-    pipeline::run(&settings.kafka, &log, client, readiness, shutdown)
+    let codec = Codec::new(
+        Arc::new(settings.codec.clone()),
+        crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
+        SchemaName::Event,
+    );
+    pipeline::run(&settings.kafka, &log, client, codec, readiness, shutdown)
         .await
         .context("log stage")
 }

@@ -1,6 +1,7 @@
 //! The log stage's I/O: consume, map, batch (count, bytes, time), bulk-index with retries, and
 //! dead-letter what cannot be indexed; offsets are stored only for acknowledged records.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use super::bulk::{bulk_lines, Backoff, BulkError, ItemOutcome};
 use super::document::{map_record, RecordMeta};
 use super::elasticsearch::Elasticsearch;
 use super::settings::LogSettings;
+use crate::codec::{until_available, Codec, RecordError};
 use crate::config::KafkaSettings;
 use crate::dead_letter::{self, SourcePosition};
 use crate::envelope::DecodeError;
@@ -103,6 +105,7 @@ pub async fn run(
     kafka: &KafkaSettings,
     settings: &LogSettings,
     elasticsearch: Elasticsearch,
+    codec: Codec,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), LogError> {
@@ -252,8 +255,14 @@ pub async fn run(
                         continue;
                     }
                 };
+                let original = message.payload().unwrap_or_default();
+                let Some(decoded) =
+                    until_available("log", &shutdown, || codec.decode(message.topic(), original)).await
+                else {
+                    break Ok(());
+                };
                 consumed.increment(1);
-                let work = prepare(&message, topic_ids.get(message.topic()), settings);
+                let work = prepare(&message, &decoded, topic_ids.get(message.topic()), settings);
                 let original = work.original();
                 offsets::lock(&tracker).track(&original.partition, original.offset, 1);
                 batch.push(work);
@@ -368,6 +377,21 @@ pub(super) fn document_lines(
     topic: &str,
     settings: &LogSettings,
 ) -> Result<Vec<u8>, DecodeError> {
+    lines_of(
+        message.payload().unwrap_or_default(),
+        message,
+        topic,
+        settings,
+    )
+}
+
+/// `document_lines` of a value already decoded to JSON (from Avro, say).
+fn lines_of(
+    json: &[u8],
+    message: &BorrowedMessage<'_>,
+    topic: &str,
+    settings: &LogSettings,
+) -> Result<Vec<u8>, DecodeError> {
     let level_header = message.headers().and_then(|headers| {
         headers
             .iter()
@@ -383,7 +407,7 @@ pub(super) fn document_lines(
         level_header,
     };
     map_record(
-        message.payload().unwrap_or_default(),
+        json,
         &meta,
         &settings.index_pattern,
         settings.max_envelope_bytes,
@@ -392,8 +416,18 @@ pub(super) fn document_lines(
 }
 
 /// Maps one consumed record to bulk lines, or to a dead letter saying why it cannot be logged.
-fn prepare(message: &BorrowedMessage<'_>, topic: Arc<str>, settings: &LogSettings) -> Work {
-    let lines = document_lines(message, &topic, settings);
+fn prepare(
+    message: &BorrowedMessage<'_>,
+    decoded: &Result<Cow<'_, [u8]>, RecordError>,
+    topic: Arc<str>,
+    settings: &LogSettings,
+) -> Work {
+    let lines = match decoded {
+        Ok(json) => {
+            lines_of(json, message, &topic, settings).map_err(|e| (e.kind(), e.to_string()))
+        }
+        Err(error) => Err((error.kind, error.reason.clone())),
+    };
     let original = Original {
         partition: PartitionId {
             topic,
@@ -407,10 +441,10 @@ fn prepare(message: &BorrowedMessage<'_>, topic: Arc<str>, settings: &LogSetting
     };
     match lines {
         Ok(lines) => Work::Index { original, lines },
-        Err(error) => Work::DeadLetter {
+        Err((kind, reason)) => Work::DeadLetter {
             original,
-            kind: error.kind(),
-            reason: error.to_string(),
+            kind,
+            reason,
             extra_headers: Vec::new(),
         },
     }
