@@ -124,7 +124,9 @@ fn record_error(kind: &'static str, reason: impl Into<String>) -> CodecError {
 pub struct Codec {
     settings: Arc<CodecSettings>,
     registry: Option<Arc<Registry>>,
-    schema_name: SchemaName,
+    /// Names the schema in messages: `schemas/<stem>.avsc` for the built-in ones.
+    label: Arc<str>,
+    text: Arc<str>,
     schema: Arc<Schema>,
     /// Per writer schema id: whether it resolves to `schema` (the reason if not).
     resolvable: Arc<Mutex<HashMap<u32, Result<(), String>>>>,
@@ -142,11 +144,31 @@ impl Codec {
         Codec {
             settings,
             registry,
-            schema_name,
+            label: format!("schemas/{}.avsc", schema_name.file_stem()).into(),
+            text: schema_name.text().into(),
             schema: Arc::new(schema_name.parse()),
             resolvable: Arc::default(),
             writer_ids: Arc::default(),
         }
+    }
+
+    /// A codec for another schema (another version of a built-in one, say); `label` names it
+    /// in messages.
+    pub fn with_schema(
+        settings: Arc<CodecSettings>,
+        registry: Option<Arc<Registry>>,
+        label: &str,
+        text: &str,
+    ) -> Result<Codec, apache_avro::Error> {
+        Ok(Codec {
+            settings,
+            registry,
+            label: label.into(),
+            text: text.into(),
+            schema: Arc::new(Schema::parse_str(text)?),
+            resolvable: Arc::default(),
+            writer_ids: Arc::default(),
+        })
     }
 
     /// A JSON-only codec (tests, tools that never see Avro).
@@ -207,8 +229,10 @@ impl Codec {
         };
         self.check_resolvable(id, &writer)?;
         let mut body = &bytes[HEADER_BYTES..];
-        let value = GenericDatumReader::builder(&writer)
-            .reader_schema(&self.schema)
+        // Read with the writer's schema alone and validate before resolving: apache-avro reads
+        // a string cut short by the end of the record as null instead of failing, so a
+        // truncated body would otherwise pass as a record with missing text.
+        let written = GenericDatumReader::builder(&writer)
             .build()
             .and_then(|reader| reader.read_value(&mut body))
             .map_err(|e| {
@@ -226,6 +250,21 @@ impl Codec {
                 ),
             ));
         }
+        if !written.validate(&writer) {
+            return Err(record_error(
+                "avro_body",
+                format!("body is truncated or does not match writer schema id {id}"),
+            ));
+        }
+        let value = written.resolve(&self.schema).map_err(|e| {
+            record_error(
+                "avro_incompatible_schema",
+                format!(
+                    "writer schema id {id} does not resolve to {}: {e}",
+                    self.label
+                ),
+            )
+        })?;
         let json = transcode::avro_to_json(&value, &self.schema)
             .map_err(|e| record_error("avro_body", e.to_string()))?;
         Ok(Cow::Owned(
@@ -244,8 +283,8 @@ impl Codec {
             record_error(
                 "avro_incompatible_schema",
                 format!(
-                    "writer schema id {id} cannot be read as schemas/{}.avsc: {reason}",
-                    self.schema_name.file_stem()
+                    "writer schema id {id} cannot be read as {}: {reason}",
+                    self.label
                 ),
             )
         })
@@ -262,10 +301,7 @@ impl Codec {
         let avro = transcode::json_to_avro(&value, &self.schema).map_err(|e| {
             record_error(
                 "avro_encode",
-                format!(
-                    "output does not fit schemas/{}.avsc: {e}",
-                    self.schema_name.file_stem()
-                ),
+                format!("output does not fit {}: {e}", self.label),
             )
         })?;
         let body = GenericDatumWriter::builder(&self.schema)
@@ -290,7 +326,7 @@ impl Codec {
         }
         let registry = self.registry()?;
         let subject = value_subject(topic);
-        let text = self.schema_name.text();
+        let text = &*self.text;
         let id = match registry.lookup_id(&subject, text).await {
             Ok(id) => id,
             Err(RegistryError::NotRegistered { .. }) if self.settings.auto_register => registry

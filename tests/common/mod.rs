@@ -397,3 +397,43 @@ pub fn assert_promtool_accepts(metrics: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A codec that reads and writes Avro on every topic, registering its schema when a subject
+/// lacks it (tests own their subjects: `<unique topic>-value`).
+pub fn avro_codec(schema: eventpipe::codec::SchemaName) -> eventpipe::codec::Codec {
+    eventpipe::codec::Codec::new(avro_settings(), Some(registry()), schema)
+}
+
+pub fn avro_settings() -> std::sync::Arc<eventpipe::codec::CodecSettings> {
+    std::sync::Arc::new(eventpipe::codec::CodecSettings {
+        input: eventpipe::codec::Format::Avro,
+        output: eventpipe::codec::Format::Avro,
+        auto_register: true,
+        ..Default::default()
+    })
+}
+
+pub fn registry() -> std::sync::Arc<eventpipe::codec::Registry> {
+    std::sync::Arc::new(eventpipe::codec::Registry::new(&settings().schema_registry_url).unwrap())
+}
+
+/// Registers a built-in schema as `<topic>-value`.
+pub async fn register(topic: &str, schema: eventpipe::codec::SchemaName) -> u32 {
+    registry()
+        .register(&eventpipe::codec::value_subject(topic), schema.text())
+        .await
+        .expect("registered")
+}
+
+/// A consumed Avro record's value as JSON (the test's own decoding, through the registry).
+pub async fn avro_json(
+    codec: &eventpipe::codec::Codec,
+    message: &OwnedMessage,
+) -> serde_json::Value {
+    let bytes = message.payload().unwrap_or_default();
+    let json = codec
+        .decode(message.topic(), bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{} offset {}: {e}", message.topic(), message.offset()));
+    serde_json::from_slice(&json).unwrap()
+}
