@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,7 +174,7 @@ fn schema_workspace(topics: &[(&str, SchemaName)]) -> (PathBuf, PathBuf) {
     (topics_file, schemas)
 }
 
-fn schemas_command(action: &str, topics_file: &PathBuf, schemas: &PathBuf) -> std::process::Output {
+fn schemas_command(action: &str, topics_file: &Path, schemas: &Path) -> std::process::Output {
     common::run_eventpipe(
         &[
             "schemas",
