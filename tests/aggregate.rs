@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::StageProcess;
+use eventpipe::codec::{Codec, SchemaName};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -200,7 +201,17 @@ impl Fixture {
     }
 
     async fn produce(&self, events: &[TestEvent]) {
-        let records: Vec<_> = events.iter().map(TestEvent::record).collect();
+        self.produce_as(events, None).await;
+    }
+
+    /// Produces the events as JSON, or encoded with `codec` (Avro).
+    async fn produce_as(&self, events: &[TestEvent], codec: Option<&Codec>) {
+        let mut records: Vec<_> = events.iter().map(TestEvent::record).collect();
+        if let Some(codec) = codec {
+            for (_, value) in &mut records {
+                *value = codec.encode(&self.input, value.clone()).await.unwrap();
+            }
+        }
         for chunk in records.chunks(5000) {
             common::produce_all(&self.settings, &self.input, chunk).await;
         }
@@ -296,6 +307,17 @@ async fn wait_for_topic(
     expected: &Table,
     timeout: Duration,
 ) {
+    wait_for_topic_as(settings, topic, expected, timeout, None).await;
+}
+
+/// `wait_for_topic` for a topic whose records are decoded with `codec` (Avro).
+async fn wait_for_topic_as(
+    settings: &eventpipe::config::Settings,
+    topic: &str,
+    expected: &Table,
+    timeout: Duration,
+    codec: Option<&Codec>,
+) {
     let consumer = common::consumer(settings, topic);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut table = Table::new();
@@ -303,7 +325,10 @@ async fn wait_for_topic(
         let Some(message) = common::next_message(&consumer, deadline).await else {
             report_difference(&table, expected, "");
         };
-        let record = common::json(&message);
+        let record = match codec {
+            Some(codec) => common::avro_json(codec, &message).await,
+            None => common::json(&message),
+        };
         assert_eq!(
             common::key(&message),
             record["name"].as_str().unwrap(),
@@ -471,6 +496,51 @@ async fn kafka_sink_with_hopping_windows_is_exact() {
         Duration::from_secs(60),
     )
     .await;
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_in_and_out_is_exact() {
+    let fixture = Fixture::new().await;
+    common::register(&fixture.input, SchemaName::AggregateEvent).await;
+    common::register(&fixture.output, SchemaName::Aggregate).await;
+    common::register(&fixture.metrics, SchemaName::Metrics).await;
+    let events = generate(&EXACT, 9, 2000, 6, 8_000, 200);
+    let expected = offline(&events, 1000, 1000);
+    fixture
+        .produce_as(
+            &events,
+            Some(&common::avro_codec(SchemaName::AggregateEvent)),
+        )
+        .await;
+    let stage = fixture.start(
+        &[("STORAGE_TYPE", "kafka".to_string())],
+        &[
+            ("EVENTPIPE_INPUT_FORMAT", "avro".into()),
+            ("EVENTPIPE_OUTPUT_FORMAT", "avro".into()),
+        ],
+    );
+    wait_for_topic_as(
+        &fixture.settings,
+        &fixture.output,
+        &expected,
+        Duration::from_secs(60),
+        Some(&common::avro_codec(SchemaName::Aggregate)),
+    )
+    .await;
+    // The stage's own metrics records are Avro too, and count what it aggregated.
+    let metrics_codec = common::avro_codec(SchemaName::Metrics);
+    let records = common::consume(
+        &fixture.settings,
+        &fixture.metrics,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let record = common::avro_json(&metrics_codec, &records[0]).await;
+    assert_eq!(record["service"], "eventpipe-aggregate");
+    assert!(record["aggregated_events_count"].as_i64().is_some());
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
 }

@@ -361,6 +361,94 @@ async fn poison_goes_to_the_dead_letter_topic_with_the_reason_while_the_rest_is_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn avro_events_are_indexed_and_bad_avro_is_dead_lettered() {
+    use eventpipe::codec::SchemaName;
+    use rdkafka::message::Message;
+    let f = Fixture::new("log-avro").await;
+    common::register(&f.topic, SchemaName::Event).await;
+    let codec = common::avro_codec(SchemaName::Event);
+    // The Avro event has a timestamp: the stage's fallback for missing ones is a JSON matter.
+    let events: Vec<Event> = events(60)
+        .into_iter()
+        .filter(|e| e.time.is_some())
+        .collect();
+    let mut all = Vec::new();
+    for event in &events {
+        let value = codec
+            .encode(&f.topic, event.record.value.clone())
+            .await
+            .expect("every generated event fits schemas/event.avsc");
+        all.push(TestRecord {
+            key: event.record.key.clone(),
+            value,
+            headers: event.record.headers.clone(),
+        });
+    }
+    let json_bytes = events[0].record.value.clone();
+    all.insert(
+        7,
+        TestRecord {
+            key: "json".into(),
+            value: json_bytes.clone(),
+            headers: vec![],
+        },
+    );
+    es::produce_records(&f.settings, &f.topic, &all).await;
+    let stage = f.start(&[], &[("EVENTPIPE_INPUT_FORMAT", "avro")]);
+    let n = events.len() as u64;
+    let indexed = es::wait_for_count(&f.settings, &f.indices(), n, Duration::from_secs(90)).await;
+    assert_eq!(indexed, n, "{}", stage.log());
+    for (field, expected) in [
+        ("executer", tally(&events, |e| e.executer)),
+        ("level", tally(&events, |e| e.level)),
+    ] {
+        for (value, want) in expected {
+            let got = es::count(&f.settings, &f.indices(), json!({"term": {field: value}})).await;
+            assert_eq!(got, want, "{field}:{value}");
+        }
+    }
+    // payload.data travelled as JSON text inside Avro and is searchable field by field again.
+    let user = events[3].record.key.clone();
+    let found = es::count(
+        &f.settings,
+        &f.indices(),
+        json!({"term": {"data.user_id": user}}),
+    )
+    .await;
+    assert_eq!(found, 1);
+    let with_origin = events.iter().filter(|e| {
+        serde_json::from_slice::<serde_json::Value>(&e.record.value).unwrap()["source"].is_object()
+    });
+    let got = es::count(
+        &f.settings,
+        &f.indices(),
+        json!({"exists": {"field": "origin.topic"}}),
+    )
+    .await;
+    assert_eq!(
+        got,
+        with_origin.count() as u64,
+        "the dispatcher's trail survives Avro"
+    );
+
+    let dead = common::consume(
+        &f.settings,
+        &format!("{}.dlq", f.topic),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        common::headers(&dead[0])["eventpipe.error.kind"],
+        "avro_magic"
+    );
+    assert_eq!(dead[0].payload().unwrap(), json_bytes.as_slice());
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_logger_restarts_without_duplicates() {
     let f = Fixture::new("log-kill").await;
     let events = events(2000);
