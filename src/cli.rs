@@ -390,8 +390,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             from_end,
             idle_secs,
         } => {
+            // Only asked when a record looks like Confluent-framed Avro.
+            let registry = crate::codec::Registry::new(&settings.schema_registry_url).ok();
             crate::tail::run(
                 &settings.kafka,
+                registry.as_ref(),
                 crate::tail::TailOptions {
                     topic,
                     count,

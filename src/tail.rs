@@ -9,6 +9,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
+use crate::codec::{decode_with_writer_schema, Registry};
 use crate::config::KafkaSettings;
 use crate::kafka::client::{create_client, require_topics, wait_for_broker};
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
@@ -24,7 +25,11 @@ pub struct TailOptions {
 }
 
 /// Prints records until `count` or `idle`; returns how many were printed.
-pub async fn run(settings: &KafkaSettings, options: TailOptions) -> Result<usize, KafkaError> {
+pub async fn run(
+    settings: &KafkaSettings,
+    registry: Option<&Registry>,
+    options: TailOptions,
+) -> Result<usize, KafkaError> {
     let mut kafka = settings.clone();
     // librdkafka needs a group id even for manual assignment; nothing is committed under it.
     kafka
@@ -82,9 +87,21 @@ pub async fn run(settings: &KafkaSettings, options: TailOptions) -> Result<usize
             })
             .unwrap_or_default();
         let payload = message.payload().unwrap_or_default();
-        let value = serde_json::from_slice::<Value>(payload)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
-        let line = json!({
+        // Confluent-framed Avro (first byte 0) is shown decoded, with its schema id.
+        let avro = match (registry, payload.first()) {
+            (Some(registry), Some(0)) => decode_with_writer_schema(registry, payload).await.ok(),
+            _ => None,
+        };
+        let (schema_id, value) = match avro {
+            Some((id, value)) => (Some(id), value),
+            None => (
+                None,
+                serde_json::from_slice::<Value>(payload).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(payload).into_owned())
+                }),
+            ),
+        };
+        let mut line = json!({
             "topic": message.topic(),
             "partition": message.partition(),
             "offset": message.offset(),
@@ -93,6 +110,9 @@ pub async fn run(settings: &KafkaSettings, options: TailOptions) -> Result<usize
             "headers": headers,
             "value": value,
         });
+        if let Some(id) = schema_id {
+            line["schema_id"] = json!(id);
+        }
         println!("{line}");
         printed += 1;
     }

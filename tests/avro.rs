@@ -409,6 +409,11 @@ async fn dispatcher_reads_and_writes_avro_and_dead_letters_each_bad_record() {
     assert!(info
         .iter()
         .all(|v| v["payload"]["data"]["tags"] == json!(["a", {"nested": null}])));
+    // `eventpipe tail` shows Avro records decoded, with their schema id.
+    let tail = common::run_eventpipe(&["tail", &f.info, "--count", "1"], &[], None);
+    let line: Value = serde_json::from_str(common::stdout(&tail).trim()).unwrap();
+    assert!(line["schema_id"].is_u64(), "{line}");
+    assert_eq!(line["value"]["service"], "eventpipe-dispatch", "{line}");
     let worker = outputs(&events, &worker, &f.input).await;
     assert!(worker
         .iter()

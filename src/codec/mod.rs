@@ -356,6 +356,33 @@ impl Codec {
     }
 }
 
+/// A Confluent-framed Avro record as JSON, read with its own writer schema (no reader schema:
+/// for tools that show whatever a topic holds); the schema id with it.
+pub async fn decode_with_writer_schema(
+    registry: &Registry,
+    bytes: &[u8],
+) -> Result<(u32, serde_json::Value), CodecError> {
+    if bytes.len() < HEADER_BYTES || bytes[0] != MAGIC_BYTE {
+        return Err(record_error("avro_magic", "not Confluent-framed Avro"));
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let writer = registry
+        .schema_by_id(id)
+        .await
+        .map_err(|e| record_error("avro_unknown_schema", e.to_string()))?;
+    let mut body = &bytes[HEADER_BYTES..];
+    let value = GenericDatumReader::builder(&writer)
+        .build()
+        .and_then(|reader| reader.read_value(&mut body))
+        .map_err(|e| record_error("avro_body", e.to_string()))?;
+    if !body.is_empty() || !value.validate(&writer) {
+        return Err(record_error("avro_body", "body does not match its schema"));
+    }
+    let json = transcode::avro_to_json(&value, &writer)
+        .map_err(|e| record_error("avro_body", e.to_string()))?;
+    Ok((id, json))
+}
+
 /// Runs `op` until it succeeds or fails for a reason other than the registry being
 /// unavailable, backing off between attempts; `None` if shutdown came first.
 pub async fn until_available<T, F, Fut>(
