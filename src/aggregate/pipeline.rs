@@ -253,6 +253,7 @@ pub async fn run(
         consumer_config.set("statistics.interval.ms", "5000");
     }
     super::metrics::describe();
+    crate::codec::describe_metrics("aggregate");
     let consumer: StreamConsumer<AggregateContext> = consumer_config
         .create_with_context(AggregateContext {
             log: log.clone(),

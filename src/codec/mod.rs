@@ -383,6 +383,16 @@ pub async fn decode_with_writer_schema(
     Ok((id, json))
 }
 
+/// Describes the codec's metric and starts it at zero for `stage`, so dashboards and alerts see
+/// a series (0 = healthy) before the first failure.
+pub fn describe_metrics(stage: &'static str) {
+    metrics::describe_counter!(
+        "eventpipe_schema_registry_errors_total",
+        "Schema registry calls that failed because it was unreachable, timing out or answering 5xx (records wait, none are dead-lettered), by stage."
+    );
+    metrics::counter!("eventpipe_schema_registry_errors_total", "stage" => stage).absolute(0);
+}
+
 /// Runs `op` until it succeeds or fails for a reason other than the registry being
 /// unavailable, backing off between attempts; `None` if shutdown came first.
 pub async fn until_available<T, F, Fut>(

@@ -33,6 +33,7 @@ pub async fn run(
         reason,
     };
     metrics::describe();
+    crate::codec::describe_metrics("dispatch");
     let routes = routes::load(&settings.routes_file).map_err(|e| invalid_routes(e.reason))?;
     let router = registry.build(&routes).map_err(invalid_routes)?;
     // A missing writer-schema registration shows at start-up, not at the first record.

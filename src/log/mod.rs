@@ -33,6 +33,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let log = LogSettings::resolve(&args, &settings.file_log)?;
     metrics::describe();
+    crate::codec::describe_metrics("log");
     readiness.register("kafka");
     readiness.register("elasticsearch");
     let client = Elasticsearch::new(&settings.elasticsearch_url, &log)?;
