@@ -20,6 +20,11 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// An aggregate waits for its window to close (interval, allowed lateness): seconds to minutes.
+const WINDOW_LATENCY_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 /// Installs the global tracing subscriber; logs go to stderr so stdout stays for command output.
 pub fn init_tracing(settings: &TelemetrySettings) {
     let filter = EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|error| {
@@ -81,6 +86,11 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
         .get_or_init(|| {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("bucket list is non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("eventpipe_aggregate_end_to_end_seconds".into()),
+                    WINDOW_LATENCY_BUCKETS,
+                )
                 .expect("bucket list is non-empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once per process")

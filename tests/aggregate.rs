@@ -541,6 +541,20 @@ async fn avro_in_and_out_is_exact() {
     let record = common::avro_json(&metrics_codec, &records[0]).await;
     assert_eq!(record["service"], "eventpipe-aggregate");
     assert!(record["aggregated_events_count"].as_i64().is_some());
+    // End-to-end latency: one observation per written aggregate, from its newest record's
+    // Kafka timestamp (now-ish, unlike the 2024 event times) to the sink's acknowledgement.
+    let metrics = stage.metrics().await;
+    let emitted = common::metric_value(&metrics, "eventpipe_aggregate_emitted_windows_total", &[]);
+    let observed = common::metric_value(
+        &metrics,
+        "eventpipe_aggregate_end_to_end_seconds_count",
+        &[],
+    );
+    let seconds = common::metric_value(&metrics, "eventpipe_aggregate_end_to_end_seconds_sum", &[]);
+    assert!(emitted.unwrap_or(0.0) >= expected.len() as f64, "{metrics}");
+    assert_eq!(observed, emitted, "{metrics}");
+    let mean = seconds.unwrap() / observed.unwrap();
+    assert!((0.0..60.0).contains(&mean), "mean end-to-end {mean} s");
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
 }

@@ -13,6 +13,8 @@ pub struct Event {
     pub function: Function,
     pub value: f64,
     pub time_ms: i64,
+    /// The Kafka record's timestamp (the producer's), for end-to-end latency; not event time.
+    pub record_ms: Option<i64>,
 }
 
 /// Why an input record cannot be aggregated; each goes to the dead-letter topic.
@@ -82,6 +84,7 @@ impl Event {
             function,
             value,
             time_ms: time.timestamp_millis(),
+            record_ms: None,
         })
     }
 }

@@ -38,6 +38,11 @@ pub fn describe() {
         "Wall-clock time minus the watermark."
     );
     describe_histogram!(
+        "eventpipe_aggregate_end_to_end_seconds",
+        Unit::Seconds,
+        "From the newest contributing record's Kafka timestamp to the sink acknowledging the window's aggregate (includes waiting for the window to close)."
+    );
+    describe_histogram!(
         "eventpipe_aggregate_processing_seconds",
         Unit::Seconds,
         "Time to process one input event."

@@ -361,7 +361,11 @@ async fn process(
     let offset = message.offset();
     let event = decoded
         .map_err(|e| (e.kind, e.reason))
-        .and_then(|json| Event::decode(&json).map_err(|e| (e.kind(), e.to_string())));
+        .and_then(|json| Event::decode(&json).map_err(|e| (e.kind(), e.to_string())))
+        .map(|event| Event {
+            record_ms: message.timestamp().to_millis(),
+            ..event
+        });
     let rejection = match event {
         Ok(event) => {
             let outcome = lock(engine).apply(&id, offset, &event, started);
@@ -488,6 +492,12 @@ async fn flush<'p>(
             backoff = (backoff * 2).min(MAX_SINK_BACKOFF);
         }
         totals.summary.emitted += emissions.len() as u64;
+        // End to end: from the newest contributing record's timestamp to the sink's acknowledgement.
+        let acknowledged_ms = chrono::Utc::now().timestamp_millis();
+        let end_to_end = metrics::histogram!("eventpipe_aggregate_end_to_end_seconds");
+        for newest in emissions.iter().filter_map(|e| e.newest_record_ms) {
+            end_to_end.record((acknowledged_ms - newest).max(0) as f64 / 1000.0);
+        }
         metrics::counter!("eventpipe_aggregate_emitted_windows_total")
             .increment(emissions.len() as u64);
     }

@@ -59,6 +59,8 @@ pub struct Emission {
     pub window_end_ms: i64,
     pub value: f64,
     pub count: u64,
+    /// The newest Kafka record timestamp among the events that contributed (end-to-end latency).
+    pub newest_record_ms: Option<i64>,
 }
 
 /// What a partition may commit: the next offset to read on restart and the horizon to restore.
@@ -72,6 +74,7 @@ pub struct Checkpoint {
 struct Series {
     accumulator: Accumulator,
     dirty: bool,
+    newest_record_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -266,6 +269,7 @@ impl Engine {
                 };
                 series.accumulator.add(event.function, event.value);
                 series.dirty = true;
+                series.newest_record_ms = series.newest_record_ms.max(event.record_ms);
             }
             start -= advance;
         }
@@ -350,6 +354,7 @@ impl Engine {
                             window_end_ms: end,
                             value: series.accumulator.value(*function),
                             count: series.accumulator.count(),
+                            newest_record_ms: series.newest_record_ms,
                         });
                     }
                 }
@@ -422,6 +427,7 @@ mod tests {
             function,
             value,
             time_ms,
+            record_ms: None,
         }
     }
 
