@@ -363,7 +363,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         } => {
             let shutdown = shutdown::install_signal_handlers();
             let started = Instant::now();
-            let delivered = generate::run(
+            // Records in their topics' formats: `--output-format avro` generates Avro.
+            let codec = crate::codec::Codec::new(
+                std::sync::Arc::new(settings.codec.clone()),
+                crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
+                kind.schema(),
+            );
+            let delivered = generate::run_encoded(
                 &settings.kafka,
                 GenerateOptions {
                     kind,
@@ -374,6 +380,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     series,
                     topic,
                 },
+                &codec,
                 shutdown,
             )
             .await?;

@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{Codec, CodecError, SchemaName};
 use crate::config::KafkaSettings;
 use crate::kafka::client::{create_client, require_topics, wait_for_broker};
 use crate::kafka::delivery::BoundedSender;
@@ -184,12 +185,42 @@ pub struct GenerateOptions {
     pub topic: Option<String>,
 }
 
-/// Produces `count` records (paced) and returns how many Kafka acknowledged; stops on `shutdown`.
+/// Produces `count` JSON records (paced) and returns how many Kafka acknowledged; stops on
+/// `shutdown`.
 pub async fn run(
     settings: &KafkaSettings,
     options: GenerateOptions,
     shutdown: CancellationToken,
-) -> Result<u64, KafkaError> {
+) -> Result<u64, GenerateError> {
+    let schema = options.kind.schema();
+    run_encoded(settings, options, &Codec::json(schema), shutdown).await
+}
+
+impl TrafficKind {
+    /// The schema of what this kind generates.
+    pub fn schema(self) -> SchemaName {
+        match self {
+            TrafficKind::Envelopes => SchemaName::Envelope,
+            TrafficKind::Events => SchemaName::AggregateEvent,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("encoding a generated record: {0}")]
+    Codec(#[from] CodecError),
+}
+
+/// `run`, with each record in its topic's format (`codec`: JSON or Avro).
+pub async fn run_encoded(
+    settings: &KafkaSettings,
+    options: GenerateOptions,
+    codec: &Codec,
+    shutdown: CancellationToken,
+) -> Result<u64, GenerateError> {
     let context = crate::kafka::PipelineContext::default();
     let producer: FutureProducer<crate::kafka::PipelineContext> =
         create_client(settings, ClientKind::Producer, context.clone())?;
@@ -222,11 +253,12 @@ pub async fn run(
         .min(options.count - sent);
         for _ in 0..batch {
             let record = generator.next_record(Utc::now());
+            let value = codec.encode(&record.topic, record.value).await?;
             sender
                 .send(
                     FutureRecord::to(&record.topic)
                         .key(record.key.as_bytes())
-                        .payload(record.value.as_slice())
+                        .payload(value.as_slice())
                         .headers(owned_headers(&record.headers)),
                 )
                 .await?;
@@ -237,7 +269,7 @@ pub async fn run(
             last_report = std::time::Instant::now();
         }
     }
-    sender.finish().await
+    Ok(sender.finish().await?)
 }
 
 #[cfg(test)]
