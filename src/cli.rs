@@ -118,6 +118,12 @@ pub enum BenchCommand {
         /// Documents per bulk request, for the stage and the baseline alike.
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
+        /// Bulk requests in flight, for the stage and the baseline alike (the stage's default).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+        bulk_concurrency: u32,
+        /// Skip the extra baseline that sends one bulk request at a time.
+        #[arg(long)]
+        no_sequential_baseline: bool,
     },
     /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
     Dispatch {
@@ -302,6 +308,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     records,
                     partitions,
                     batch_size,
+                    bulk_concurrency,
+                    no_sequential_baseline,
                 },
         } => {
             let results = crate::log::bench::run(
@@ -310,6 +318,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     records,
                     partitions,
                     batch_size,
+                    concurrency: bulk_concurrency as usize,
+                    sequential_baseline: !no_sequential_baseline,
                     binary: None,
                 },
             )

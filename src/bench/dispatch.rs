@@ -14,8 +14,8 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::measure::{
-    cpu_seconds, peak_rss_mib, preload_envelopes, BenchResult, BenchTopics, Percentiles,
-    TopicWatcher,
+    cpu_seconds, peak_rss_mib, preload_envelopes, send_waiting, BenchResult, BenchTopics,
+    Percentiles, TopicWatcher,
 };
 use crate::config::Settings;
 use crate::envelope::parse_timestamp;
@@ -183,19 +183,7 @@ fn raw_copy(
                 if let Some(headers) = message.headers() {
                     record = record.headers(headers.detach());
                 }
-                while let Err((error, returned)) = producer.send(record) {
-                    anyhow::ensure!(
-                        matches!(
-                            error,
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull
-                            )
-                        ),
-                        "raw copy produce: {error}"
-                    );
-                    record = returned;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                send_waiting(&producer, record)?;
             }
             producer.flush(Duration::from_secs(30))?;
             Ok(())
