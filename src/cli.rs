@@ -125,6 +125,20 @@ pub enum BenchCommand {
         #[arg(long)]
         no_sequential_baseline: bool,
     },
+    /// Aggregator throughput (1 s and 60 s windows) vs a raw consume of the same topic, and the
+    /// window engine alone in memory; checks the emitted counts add up to the events.
+    Aggregate {
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Distinct series names (each with one of count, sum, avg, min, max).
+        #[arg(long, default_value_t = 10_000)]
+        series: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Window sizes in seconds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,60")]
+        windows: Vec<u64>,
+    },
     /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
     Dispatch {
         #[arg(long, default_value_t = 1_000_000)]
@@ -321,6 +335,28 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     concurrency: bulk_concurrency as usize,
                     sequential_baseline: !no_sequential_baseline,
                     binary: None,
+                },
+            )
+            .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Aggregate {
+                    events,
+                    series,
+                    partitions,
+                    windows,
+                },
+        } => {
+            let results = crate::bench::aggregate::run(
+                &settings,
+                crate::bench::aggregate::AggregateBenchOptions {
+                    events,
+                    series,
+                    partitions,
+                    windows,
                 },
             )
             .await?;
