@@ -139,6 +139,13 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,60")]
         windows: Vec<u64>,
     },
+    /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
+    Broker {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+    },
     /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
     Dispatch {
         #[arg(long, default_value_t = 1_000_000)]
@@ -360,6 +367,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Broker {
+                    records,
+                    partitions,
+                },
+        } => {
+            let results = crate::bench::broker::run(&settings, records, partitions).await?;
             crate::bench::measure::report(&results);
             Ok(())
         }
