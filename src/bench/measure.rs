@@ -306,6 +306,13 @@ pub fn metric_sum(text: &str, names: &[&str]) -> f64 {
         .sum()
 }
 
+/// The sum of the named counters on a child's /metrics; `None` while it does not answer.
+pub async fn scrape(http: &reqwest::Client, port: u16, names: &[&str]) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+    Some(metric_sum(&text, names))
+}
+
 /// Polls a child stage's /metrics until the named counters sum to `target`; returns when, or
 /// `None` on timeout. Fails if the child exits first (it cannot get there any more).
 pub async fn wait_for_metric(
@@ -315,15 +322,14 @@ pub async fn wait_for_metric(
     target: f64,
     timeout: Duration,
 ) -> anyhow::Result<Option<Instant>> {
-    let url = format!("http://127.0.0.1:{port}/metrics");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Ok(response) = http.get(&url).send().await {
-            let text = response.text().await.unwrap_or_default();
-            if metric_sum(&text, names) >= target {
-                return Ok(Some(Instant::now()));
-            }
+        if scrape(&http, port, names)
+            .await
+            .is_some_and(|v| v >= target)
+        {
+            return Ok(Some(Instant::now()));
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("the stage exited early ({status})");
