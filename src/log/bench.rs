@@ -48,13 +48,36 @@ pub async fn run(
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = workloads(settings, &options, &base, &input).await;
     bench_topics.delete().await;
-    let http = reqwest::Client::new();
-    for path in [format!("{base}-*"), format!("_index_template/{base}-*")] {
-        if let Ok(url) = settings.elasticsearch_url.join(&path) {
-            let _ = http.delete(url).send().await;
-        }
+    let _ = delete_indices(settings, &format!("{base}-*")).await;
+    if let Ok(url) = settings
+        .elasticsearch_url
+        .join(&format!("_index_template/{base}-*"))
+    {
+        let _ = reqwest::Client::new().delete(url).send().await;
     }
     outcome
+}
+
+/// Deletes the indices matching `pattern` by name (clusters may refuse wildcard deletes).
+async fn delete_indices(settings: &Settings, pattern: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let list = settings
+        .elasticsearch_url
+        .join(&format!("_cat/indices/{pattern}?h=index&format=json"))?;
+    let indices: Vec<serde_json::Value> = http
+        .get(list)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    for index in indices.iter().filter_map(|i| i["index"].as_str()) {
+        http.delete(settings.elasticsearch_url.join(index)?)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok(())
 }
 
 /// Settings of one variant: its own index pattern and template, the same batch size, and
@@ -127,7 +150,8 @@ async fn workloads(
 }
 
 /// The like-for-like baseline (the stage's concurrency) first, then optionally one request at a
-/// time; ratios are to the first. Each loads into its own index so neither finds the other's.
+/// time; ratios are to the first. The file names its index, so the second run starts from a
+/// deleted index (else every document would already exist and nothing would be indexed).
 async fn baselines(
     settings: &Settings,
     options: &LogBenchOptions,
@@ -147,7 +171,8 @@ async fn baselines(
     let mut results = vec![baseline];
     if options.sequential_baseline && options.concurrency > 1 {
         eprintln!("baseline: the same, one request at a time");
-        let sequential = variant(settings, base, "seq", options.batch_size, 1)?;
+        delete_indices(settings, &format!("{base}-raw-*")).await?;
+        let sequential = variant(settings, base, "raw", options.batch_size, 1)?;
         let mut result = bulk_from_file(settings, &sequential, file, n).await?;
         result.ratio_to_baseline = Some(result.records_per_second / results[0].records_per_second);
         results.push(result);
