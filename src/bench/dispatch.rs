@@ -57,7 +57,22 @@ pub async fn run(
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = run_workloads(settings, &options, &base).await;
     bench_topics.delete().await;
+    remove_routes_files(&base);
     outcome
+}
+
+/// The routes files of this run (`<base>…-routes.toml` in the temp dir): used up once it ends.
+fn remove_routes_files(base: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&format!("{base}-")) && name.ends_with("-routes.toml") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 async fn run_workloads(
