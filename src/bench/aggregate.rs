@@ -43,6 +43,8 @@ const SETTLED: Duration = Duration::from_secs(2);
 /// How often the stage writes closed windows (pipeline's EMIT_INTERVAL); the in-memory run
 /// takes emissions at the same pace so the engine does the same bookkeeping.
 const EMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Upper bound of `--events`: 100 M decoded events take roughly 10 GiB in this process.
+const MAX_EVENTS: u64 = 100_000_000;
 /// Longest wait for any phase; a run that gets stuck fails instead of hanging.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -66,7 +68,11 @@ pub async fn run(
     settings: &Settings,
     options: AggregateBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
-    anyhow::ensure!(options.events > 0, "--events must be at least 1");
+    // The events are also kept decoded in memory (some 100 bytes each, with the maps the checks use).
+    anyhow::ensure!(
+        (1..=MAX_EVENTS).contains(&options.events),
+        "--events must be between 1 and {MAX_EVENTS}"
+    );
     anyhow::ensure!(options.series > 0, "--series must be at least 1");
     anyhow::ensure!(options.partitions > 0, "--partitions must be at least 1");
     anyhow::ensure!(
