@@ -68,7 +68,7 @@ pub async fn run(
     settings: &Settings,
     options: AggregateBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
-    // The events are also kept decoded in memory (some 100 bytes each, with the maps the checks use).
+    // The events are also kept decoded in memory: some 100 bytes each, with the checks' maps.
     anyhow::ensure!(
         (1..=MAX_EVENTS).contains(&options.events),
         "--events must be between 1 and {MAX_EVENTS}"
