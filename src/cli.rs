@@ -154,6 +154,33 @@ pub enum BenchCommand {
         /// Documents per bulk request, for the stage and the baseline alike.
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
+        /// Bulk requests in flight, for the stage and the baseline alike (the stage's default).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+        bulk_concurrency: u32,
+        /// Skip the extra baseline that sends one bulk request at a time.
+        #[arg(long)]
+        no_sequential_baseline: bool,
+    },
+    /// Aggregator throughput (1 s and 60 s windows) vs a raw consume of the same topic, and the
+    /// window engine alone in memory; checks the emitted counts add up to the events.
+    Aggregate {
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Distinct series names (each with one of count, sum, avg, min, max).
+        #[arg(long, default_value_t = 10_000)]
+        series: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Window sizes in seconds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,60")]
+        windows: Vec<u64>,
+    },
+    /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
+    Broker {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
     },
     /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
     Dispatch {
@@ -423,6 +450,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     records,
                     partitions,
                     batch_size,
+                    bulk_concurrency,
+                    no_sequential_baseline,
                 },
         } => {
             let results = crate::log::bench::run(
@@ -431,10 +460,45 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     records,
                     partitions,
                     batch_size,
+                    concurrency: bulk_concurrency as usize,
+                    sequential_baseline: !no_sequential_baseline,
                     binary: None,
                 },
             )
             .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Aggregate {
+                    events,
+                    series,
+                    partitions,
+                    windows,
+                },
+        } => {
+            let results = crate::bench::aggregate::run(
+                &settings,
+                crate::bench::aggregate::AggregateBenchOptions {
+                    events,
+                    series,
+                    partitions,
+                    windows,
+                },
+            )
+            .await?;
+            crate::bench::measure::report(&results);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Broker {
+                    records,
+                    partitions,
+                },
+        } => {
+            let results = crate::bench::broker::run(&settings, records, partitions).await?;
             crate::bench::measure::report(&results);
             Ok(())
         }

@@ -534,6 +534,8 @@ async fn bench_log_against_a_bulk_file_baseline() {
             records,
             partitions: 6,
             batch_size: 1000,
+            concurrency: 2,
+            sequential_baseline: false,
             binary: Some(common::eventpipe_bin()),
         },
     )

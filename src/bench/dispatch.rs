@@ -14,8 +14,8 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::measure::{
-    cpu_seconds, peak_rss_mib, preload_envelopes, BenchResult, BenchTopics, Percentiles,
-    TopicWatcher,
+    cpu_seconds, peak_rss_mib, preload_envelopes, send_waiting, BenchResult, BenchTopics,
+    Percentiles, TopicWatcher,
 };
 use crate::config::Settings;
 use crate::envelope::parse_timestamp;
@@ -57,7 +57,22 @@ pub async fn run(
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = run_workloads(settings, &options, &base).await;
     bench_topics.delete().await;
+    remove_routes_files(&base);
     outcome
+}
+
+/// The routes files of this run (`<base>…-routes.toml` in the temp dir): used up once it ends.
+fn remove_routes_files(base: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&format!("{base}-")) && name.ends_with("-routes.toml") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 async fn run_workloads(
@@ -183,19 +198,7 @@ fn raw_copy(
                 if let Some(headers) = message.headers() {
                     record = record.headers(headers.detach());
                 }
-                while let Err((error, returned)) = producer.send(record) {
-                    anyhow::ensure!(
-                        matches!(
-                            error,
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull
-                            )
-                        ),
-                        "raw copy produce: {error}"
-                    );
-                    record = returned;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                send_waiting(&producer, record)?;
             }
             producer.flush(Duration::from_secs(30))?;
             Ok(())

@@ -1,10 +1,12 @@
 //! Measurement helpers for benchmarks: process CPU time and peak memory from /proc, watermark
 //! polling to know when a topic has received N records, and the result line format.
 
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +65,28 @@ pub async fn preload_envelopes(kafka: &KafkaSettings, topic: &str, n: u64) -> an
     )
     .await?;
     anyhow::ensure!(loaded == n, "preloaded {loaded} of {n}");
+    Ok(())
+}
+
+/// Sends one record, waiting while librdkafka's queue is full (the background thread drains it);
+/// any other error is returned.
+pub fn send_waiting<C: ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> anyhow::Result<()> {
+    while let Err((error, returned)) = producer.send(record) {
+        anyhow::ensure!(
+            matches!(
+                error,
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull
+                )
+            ),
+            "produce: {error}"
+        );
+        record = returned;
+        std::thread::sleep(Duration::from_millis(1));
+    }
     Ok(())
 }
 
@@ -174,11 +198,30 @@ pub fn report(results: &[BenchResult]) {
 
 /// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"), 11)
+}
+
+/// CPU seconds the calling thread has used so far: what a single-threaded in-process workload
+/// costs, without the idle Kafka client threads the same process may also hold.
+pub fn thread_cpu_seconds() -> Option<f64> {
+    stat_cpu_seconds("/proc/thread-self/stat", 11)
+}
+
+/// CPU seconds of this process's children that have exited and been waited for (cutime +
+/// cstime), grandchildren included: the cost of a tool run through wrapper scripts.
+pub fn children_cpu_seconds() -> Option<f64> {
+    stat_cpu_seconds("/proc/self/stat", 13)
+}
+
+/// Sums two adjacent tick fields of a /proc stat file, counted from after the command name.
+fn stat_cpu_seconds(path: &str, first: usize) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name: index 11/12 are utime and stime (fields 14
+    // and 15), 13/14 are cutime and cstime (fields 16 and 17).
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let ticks: f64 =
+        fields.get(first)?.parse::<f64>().ok()? + fields.get(first + 1)?.parse::<f64>().ok()?;
     Some(ticks / clock_ticks_per_second())
 }
 
@@ -243,6 +286,65 @@ impl TopicWatcher {
     }
 }
 
+/// A free loopback port for a child's /metrics endpoint.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The sum of the named series (without labels) in a Prometheus text exposition.
+pub fn metric_sum(text: &str, names: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            names.iter().any(|name| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The sum of the named counters on a child's /metrics; `None` while it does not answer.
+pub async fn scrape(http: &reqwest::Client, port: u16, names: &[&str]) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+    Some(metric_sum(&text, names))
+}
+
+/// Polls a child stage's /metrics until the named counters sum to `target`; returns when, or
+/// `None` on timeout. Fails if the child exits first (it cannot get there any more).
+pub async fn wait_for_metric(
+    child: &mut Child,
+    port: u16,
+    names: &[&str],
+    target: f64,
+    timeout: Duration,
+) -> anyhow::Result<Option<Instant>> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if scrape(&http, port, names)
+            .await
+            .is_some_and(|v| v >= target)
+        {
+            return Ok(Some(Instant::now()));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the stage exited early ({status})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
+}
+
+/// Ends a child once its measurement is over: nothing left to commit matters, so no drain.
+pub fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +362,14 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(peak_rss_mib(pid).unwrap() > 1.0);
+        assert!(thread_cpu_seconds().unwrap() >= 0.0);
+        assert!(children_cpu_seconds().unwrap() >= 0.0);
+    }
+
+    #[test]
+    fn sums_unlabelled_series_by_exact_name() {
+        let text = "# HELP a_total help\na_total 3\na_total_more 100\nb_total 4.5\nc{x=\"1\"} 9\n";
+        assert_eq!(metric_sum(text, &["a_total", "b_total"]), 7.5);
+        assert_eq!(metric_sum(text, &["missing"]), 0.0);
     }
 }

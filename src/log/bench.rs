@@ -2,9 +2,10 @@
 //! a baseline that bulk-loads the same documents from a file with the same batch size, same run.
 
 use std::io::{BufRead, BufWriter, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -13,7 +14,8 @@ use super::bulk::ItemOutcome;
 use super::elasticsearch::Elasticsearch;
 use super::settings::{LogArgs, LogSettings};
 use crate::bench::measure::{
-    cpu_seconds, peak_rss_mib, preload_envelopes, BenchResult, BenchTopics,
+    cpu_seconds, free_port, kill, peak_rss_mib, preload_envelopes, wait_for_metric, BenchResult,
+    BenchTopics,
 };
 use crate::config::Settings;
 use crate::kafka::client::create_client;
@@ -24,6 +26,10 @@ pub struct LogBenchOptions {
     pub partitions: i32,
     /// Documents per bulk request, for the stage and the baseline alike.
     pub batch_size: usize,
+    /// Bulk requests in flight, for the stage and the baseline alike.
+    pub concurrency: usize,
+    /// Also run the baseline with one request at a time, to show what concurrency buys.
+    pub sequential_baseline: bool,
     /// The eventpipe binary to run the stage with (default: this executable).
     pub binary: Option<std::path::PathBuf>,
 }
@@ -42,26 +48,52 @@ pub async fn run(
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
     let outcome = workloads(settings, &options, &base, &input).await;
     bench_topics.delete().await;
-    let http = reqwest::Client::new();
-    for path in [format!("{base}-*"), format!("_index_template/{base}-*")] {
-        if let Ok(url) = settings.elasticsearch_url.join(&path) {
-            let _ = http.delete(url).send().await;
-        }
+    let _ = delete_indices(settings, &format!("{base}-*")).await;
+    if let Ok(url) = settings
+        .elasticsearch_url
+        .join(&format!("_index_template/{base}-*"))
+    {
+        let _ = reqwest::Client::new().delete(url).send().await;
     }
     outcome
 }
 
-/// Settings of one variant: its own index pattern and template, the same batch size.
+/// Deletes the indices matching `pattern` by name (clusters may refuse wildcard deletes).
+async fn delete_indices(settings: &Settings, pattern: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let list = settings
+        .elasticsearch_url
+        .join(&format!("_cat/indices/{pattern}?h=index&format=json"))?;
+    let indices: Vec<serde_json::Value> = http
+        .get(list)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    for index in indices.iter().filter_map(|i| i["index"].as_str()) {
+        http.delete(settings.elasticsearch_url.join(index)?)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok(())
+}
+
+/// Settings of one variant: its own index pattern and template, the same batch size, and
+/// `concurrency` bulk requests in flight.
 fn variant(
     settings: &Settings,
     base: &str,
     name: &str,
     batch_size: usize,
+    concurrency: usize,
 ) -> anyhow::Result<LogSettings> {
     let args = LogArgs {
         index_pattern: Some(format!("{base}-{name}-%Y.%m.%d")),
         template_name: Some(format!("{base}-{name}")),
         batch_size: Some(u32::try_from(batch_size)?),
+        bulk_concurrency: Some(u32::try_from(concurrency)?),
         ..Default::default()
     };
     Ok(LogSettings::resolve(&args, &settings.file_log)?)
@@ -76,22 +108,29 @@ async fn workloads(
     let n = options.records;
     preload_envelopes(&settings.kafka, input, n).await?;
 
-    let raw = variant(settings, base, "raw", options.batch_size)?;
+    let raw = variant(
+        settings,
+        base,
+        "raw",
+        options.batch_size,
+        options.concurrency,
+    )?;
     let file = std::env::temp_dir().join(format!("{base}-bulk.ndjson"));
     eprintln!("writing the same documents to {}", file.display());
     write_bulk_file(settings, &raw, input, options.partitions, n, &file)?;
-    eprintln!(
-        "baseline: bulk-load {} in batches of {}",
-        file.display(),
-        options.batch_size
-    );
-    let baseline = bulk_from_file(settings, &raw, &file, n).await;
+    let baselines = baselines(settings, options, base, &raw, &file, n).await;
     let _ = std::fs::remove_file(&file);
-    let baseline = baseline?;
-    let baseline_rate = baseline.records_per_second;
+    let mut results = baselines?;
+    let baseline_rate = results[0].records_per_second;
 
     eprintln!("eventpipe log over the {n}-record backlog");
-    let staged = variant(settings, base, "log", options.batch_size)?;
+    let staged = variant(
+        settings,
+        base,
+        "log",
+        options.batch_size,
+        options.concurrency,
+    )?;
     let binary = match &options.binary {
         Some(binary) => binary.clone(),
         None => std::env::current_exe()?,
@@ -106,7 +145,39 @@ async fn workloads(
     )
     .await?;
     stage.ratio_to_baseline = Some(stage.records_per_second / baseline_rate);
-    Ok(vec![baseline, stage])
+    results.push(stage);
+    Ok(results)
+}
+
+/// The like-for-like baseline (the stage's concurrency) first, then optionally one request at a
+/// time; ratios are to the first. The file names its index, so the second run starts from a
+/// deleted index (else every document would already exist and nothing would be indexed).
+async fn baselines(
+    settings: &Settings,
+    options: &LogBenchOptions,
+    base: &str,
+    raw: &LogSettings,
+    file: &std::path::Path,
+    n: u64,
+) -> anyhow::Result<Vec<BenchResult>> {
+    eprintln!(
+        "baseline: bulk-load {} in batches of {}, {} in flight",
+        file.display(),
+        options.batch_size,
+        options.concurrency
+    );
+    let mut baseline = bulk_from_file(settings, raw, file, n).await?;
+    baseline.ratio_to_baseline = Some(1.0);
+    let mut results = vec![baseline];
+    if options.sequential_baseline && options.concurrency > 1 {
+        eprintln!("baseline: the same, one request at a time");
+        delete_indices(settings, &format!("{base}-raw-*")).await?;
+        let sequential = variant(settings, base, "raw", options.batch_size, 1)?;
+        let mut result = bulk_from_file(settings, &sequential, file, n).await?;
+        result.ratio_to_baseline = Some(result.records_per_second / results[0].records_per_second);
+        results.push(result);
+    }
+    Ok(results)
 }
 
 /// Reads the backlog once and writes the bulk lines the stage would send, with its mapping.
@@ -148,7 +219,28 @@ fn write_bulk_file(
     Ok(())
 }
 
-/// The baseline: the file's documents sent in sequential bulk requests of the same size.
+/// The next bulk body of up to `batch_size` documents (two lines each: action and source).
+fn next_batch(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    batch_size: usize,
+) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+    let mut body = Vec::new();
+    let mut items = 0;
+    while items < batch_size {
+        let (Some(action), Some(source)) = (lines.next(), lines.next()) else {
+            break;
+        };
+        for line in [action?, source?] {
+            body.extend_from_slice(line.as_bytes());
+            body.push(b'\n');
+        }
+        items += 1;
+    }
+    Ok((items > 0).then_some((body, items)))
+}
+
+/// The baseline: the file's documents in bulk requests of the same size, with up to
+/// `log.bulk_concurrency` requests in flight, as the stage sends them.
 async fn bulk_from_file(
     settings: &Settings,
     log: &LogSettings,
@@ -163,26 +255,17 @@ async fn bulk_from_file(
     let cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
+    let batches = std::iter::from_fn(|| next_batch(&mut lines, log.batch_size).transpose());
+    let client = &client;
+    let mut requests = futures::stream::iter(batches)
+        .map(|batch| async move {
+            let (body, items) = batch?;
+            anyhow::Ok(client.bulk(body, items).await?)
+        })
+        .buffer_unordered(log.bulk_concurrency.max(1));
     let mut indexed = 0u64;
-    loop {
-        let mut body = Vec::new();
-        let mut items = 0;
-        // Two lines per document: the action and the source.
-        while items < log.batch_size {
-            let (Some(action), Some(source)) = (lines.next(), lines.next()) else {
-                break;
-            };
-            for line in [action?, source?] {
-                body.extend_from_slice(line.as_bytes());
-                body.push(b'\n');
-            }
-            items += 1;
-        }
-        if items == 0 {
-            break;
-        }
-        let outcomes = client.bulk(body, items).await?;
-        indexed += outcomes
+    while let Some(outcomes) = requests.next().await {
+        indexed += outcomes?
             .iter()
             .filter(|o| matches!(o, ItemOutcome::Indexed))
             .count() as u64;
@@ -192,15 +275,16 @@ async fn bulk_from_file(
     let cpu = cpu_seconds(std::process::id())
         .zip(cpu_before)
         .map(|(a, b)| a - b);
-    let mut result = log_result(
-        format!("baseline: bulk from file, batch {}", log.batch_size),
+    Ok(log_result(
+        format!(
+            "baseline: bulk from file, batch {}, {} in flight",
+            log.batch_size, log.bulk_concurrency
+        ),
         n,
         seconds,
         cpu,
         None,
-    );
-    result.ratio_to_baseline = Some(1.0);
-    Ok(result)
+    ))
 }
 
 /// A throughput result of this benchmark.
@@ -224,9 +308,7 @@ async fn stage_run(
     group: &str,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let started = Instant::now();
     let mut child = Command::new(binary)
         .args([
@@ -249,60 +331,36 @@ async fn stage_run(
             &log.template_name,
             "--batch-size",
             &log.batch_size.to_string(),
+            "--bulk-concurrency",
+            &log.bulk_concurrency.to_string(),
         ])
         .stdin(Stdio::null())
         .spawn()?;
-    let done = wait_for_indexed(&mut child, port, n, Duration::from_secs(1800)).await;
+    let done = wait_for_metric(
+        &mut child,
+        port,
+        &[
+            "eventpipe_log_indexed_total",
+            "eventpipe_log_already_indexed_total",
+        ],
+        n as f64,
+        Duration::from_secs(1800),
+    )
+    .await;
     let pid = child.id();
     let (cpu, rss) = (cpu_seconds(pid), peak_rss_mib(pid));
-    stop(child);
+    kill(child);
     let seconds = (done?.ok_or_else(|| anyhow::anyhow!("the stage did not index the backlog"))?
         - started)
         .as_secs_f64();
     Ok(log_result(
-        format!("eventpipe log, batch {}", log.batch_size),
+        format!(
+            "eventpipe log, batch {}, {} in flight",
+            log.batch_size, log.bulk_concurrency
+        ),
         n,
         seconds,
         cpu,
         rss,
     ))
-}
-
-/// Polls the stage's /metrics until indexed (plus already indexed) documents reach `n`.
-async fn wait_for_indexed(
-    child: &mut Child,
-    port: u16,
-    n: u64,
-    timeout: Duration,
-) -> anyhow::Result<Option<Instant>> {
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(response) = http.get(&url).send().await {
-            let text = response.text().await.unwrap_or_default();
-            let acknowledged: f64 = text
-                .lines()
-                .filter(|l| {
-                    l.starts_with("eventpipe_log_indexed_total ")
-                        || l.starts_with("eventpipe_log_already_indexed_total ")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            if acknowledged >= n as f64 {
-                return Ok(Some(Instant::now()));
-            }
-        }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!("the log stage exited early ({status})");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(None)
-}
-
-/// The measurement is over: nothing left to commit matters, so no graceful drain is needed.
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
