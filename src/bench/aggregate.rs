@@ -645,6 +645,7 @@ mod tests {
             function: crate::aggregate::function::Function::Count,
             value: 0.0,
             time_ms,
+            record_ms: None,
         }
     }
 
