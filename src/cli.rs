@@ -196,6 +196,9 @@ pub enum BenchCommand {
         /// Skip the exactly-once variant.
         #[arg(long)]
         no_exactly_once: bool,
+        /// Skip the Avro variant (the same envelopes in Avro, dispatched Avro in and out).
+        #[arg(long)]
+        no_avro: bool,
         /// A Python with confluent-kafka, to also run the services-style reference dispatcher.
         #[arg(long, env = "EVENTPIPE_BENCH_PYTHON")]
         python: Option<PathBuf>,
@@ -510,6 +513,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     latency_rates,
                     latency_seconds,
                     no_exactly_once,
+                    no_avro,
                     python,
                 },
         } => {
@@ -521,6 +525,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     latency_rates,
                     latency_seconds,
                     exactly_once: !no_exactly_once,
+                    avro: !no_avro,
                     python,
                 },
             )

@@ -14,9 +14,10 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::measure::{
-    cpu_seconds, peak_rss_mib, preload_envelopes, send_waiting, BenchResult, BenchTopics,
-    Percentiles, TopicWatcher,
+    cpu_seconds, peak_rss_mib, preload_envelopes, preload_envelopes_as, send_waiting, BenchResult,
+    BenchTopics, Percentiles, TopicWatcher,
 };
+use crate::codec::{value_subject, Codec, CodecSettings, Format, Registry, SchemaName};
 use crate::config::Settings;
 use crate::envelope::parse_timestamp;
 use crate::generate::{Generator, Pacer, TrafficKind, PACER_TICK};
@@ -30,6 +31,8 @@ pub struct DispatchBenchOptions {
     pub latency_rates: Vec<u64>,
     pub latency_seconds: u64,
     pub exactly_once: bool,
+    /// Also run the dispatcher with Avro in and out (next to the JSON run, same records).
+    pub avro: bool,
     /// A Python with confluent-kafka: also run bench/reference_dispatcher.py as a baseline.
     pub python: Option<PathBuf>,
 }
@@ -48,6 +51,9 @@ pub async fn run(
         (format!("{base}-copy"), options.partitions),
         (format!("{base}-out-eos"), options.partitions),
         (format!("{base}-py-out"), options.partitions),
+        (format!("{base}-avro-in"), options.partitions),
+        (format!("{base}-avro-in.dlq"), 1),
+        (format!("{base}-avro-out"), options.partitions),
     ];
     for rate in &options.latency_rates {
         topics.push((format!("{base}-lat{rate}-in"), options.partitions));
@@ -103,13 +109,53 @@ async fn run_workloads(
         &input,
         &routes,
         &format!("{base}-group"),
-        false,
+        Mode::AtLeastOnce,
         &format!("{base}-out"),
         options.partitions,
         n,
     )?;
     dispatched.ratio_to_baseline = Some(dispatched.records_per_second / baseline_rate);
+    let json_rate = dispatched.records_per_second;
     results.push(dispatched);
+
+    if options.avro {
+        // The same envelopes in Avro (subjects registered for the run's topics), dispatched
+        // with Avro in and out: the ratio is to the JSON dispatcher of this run.
+        let (avro_input, avro_output) = (format!("{base}-avro-in"), format!("{base}-avro-out"));
+        let registry = Arc::new(Registry::new(&settings.schema_registry_url)?);
+        registry
+            .register(&value_subject(&avro_output), SchemaName::Event.text())
+            .await?;
+        let codec = Codec::new(
+            Arc::new(CodecSettings {
+                output: Format::Avro,
+                auto_register: true,
+                ..CodecSettings::default()
+            }),
+            Some(registry),
+            SchemaName::Envelope,
+        );
+        preload_envelopes_as(&settings.kafka, &avro_input, n, &codec).await?;
+        let routes = routes_file(&format!("{base}-avro"), &avro_output)?;
+        eprintln!("dispatch (at least once), Avro in and out, over the same envelopes");
+        let mut avro = dispatcher_run(
+            settings,
+            &avro_input,
+            &routes,
+            &format!("{base}-group-avro"),
+            Mode::Avro,
+            &avro_output,
+            options.partitions,
+            n,
+        )?;
+        eprintln!(
+            "Avro dispatch: {:.3} of the JSON dispatcher, {:.3} of the raw copy",
+            avro.records_per_second / json_rate,
+            avro.records_per_second / baseline_rate
+        );
+        avro.ratio_to_baseline = Some(avro.records_per_second / json_rate);
+        results.push(avro);
+    }
 
     if let Some(python) = &options.python {
         eprintln!("baseline: the services' Python dispatcher (bench/reference_dispatcher.py)");
@@ -133,7 +179,7 @@ async fn run_workloads(
             &input,
             &routes,
             &format!("{base}-group-eos"),
-            true,
+            Mode::ExactlyOnce,
             &format!("{base}-out-eos"),
             options.partitions,
             n,
@@ -273,11 +319,18 @@ fn spawn_dispatcher(
     input: &str,
     routes: &PathBuf,
     group: &str,
-    exactly_once: bool,
+    mode: Mode,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
+    let format = if mode == Mode::Avro { "avro" } else { "json" };
     let child = Command::new(exe)
         .args([
+            "--input-format",
+            format,
+            "--output-format",
+            format,
+            "--schema-registry-url",
+            settings.schema_registry_url.as_str(),
             "--bootstrap-servers",
             &settings.kafka.bootstrap_servers,
             "--metrics-address",
@@ -295,7 +348,11 @@ fn spawn_dispatcher(
         ])
         .args([
             "--exactly-once",
-            if exactly_once { "true" } else { "false" },
+            if mode == Mode::ExactlyOnce {
+                "true"
+            } else {
+                "false"
+            },
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -320,21 +377,30 @@ fn stop_dispatcher(mut child: Child) {
 
 /// Dispatches the whole backlog; done when every input offset is committed (exactly once: the
 /// transactions committed) or, at least once, when all outputs were written.
+/// How the dispatcher under test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    AtLeastOnce,
+    ExactlyOnce,
+    /// At least once, Avro in and out (schema registry).
+    Avro,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dispatcher_run(
     settings: &Settings,
     input: &str,
     routes: &PathBuf,
     group: &str,
-    exactly_once: bool,
+    mode: Mode,
     output: &str,
     partitions: i32,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
     let started = Instant::now();
-    let child = spawn_dispatcher(settings, input, routes, group, exactly_once)?;
+    let child = spawn_dispatcher(settings, input, routes, group, mode)?;
     let pid = child.id();
-    let done = if exactly_once {
+    let done = if mode == Mode::ExactlyOnce {
         wait_for_committed(
             settings,
             group,
@@ -352,10 +418,10 @@ fn dispatcher_run(
     stop_dispatcher(child);
     let done = done.ok_or_else(|| anyhow::anyhow!("dispatcher did not finish the backlog"))?;
     let seconds = (done - started).as_secs_f64();
-    let variant = if exactly_once {
-        "eventpipe dispatch, exactly once"
-    } else {
-        "eventpipe dispatch, at least once"
+    let variant = match mode {
+        Mode::AtLeastOnce => "eventpipe dispatch, at least once",
+        Mode::ExactlyOnce => "eventpipe dispatch, exactly once",
+        Mode::Avro => "eventpipe dispatch, Avro in and out (ratio to JSON dispatch)",
     };
     Ok(BenchResult::throughput(
         "dispatch", variant, n, seconds, cpu, rss,
@@ -411,7 +477,7 @@ async fn latency_run(
     let output = format!("{base}-lat{rate}-out");
     let routes = routes_file(&format!("{base}-lat{rate}"), &output)?;
     let group = format!("{base}-lat{rate}-group");
-    let child = spawn_dispatcher(settings, &input, &routes, &group, false)?;
+    let child = spawn_dispatcher(settings, &input, &routes, &group, Mode::AtLeastOnce)?;
     let pid = child.id();
 
     let mut reader_settings = settings.kafka.clone();

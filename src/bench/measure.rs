@@ -10,6 +10,7 @@ use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{Codec, SchemaName};
 use crate::config::KafkaSettings;
 use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::kafka::client::create_client;
@@ -49,8 +50,18 @@ impl BenchTopics {
 
 /// Fills `topic` with `n` generated service envelopes (~300 bytes each), all acknowledged.
 pub async fn preload_envelopes(kafka: &KafkaSettings, topic: &str, n: u64) -> anyhow::Result<()> {
+    preload_envelopes_as(kafka, topic, n, &Codec::json(SchemaName::Envelope)).await
+}
+
+/// `preload_envelopes` in the topic's format per `codec` (the same envelopes: same seed).
+pub async fn preload_envelopes_as(
+    kafka: &KafkaSettings,
+    topic: &str,
+    n: u64,
+    codec: &Codec,
+) -> anyhow::Result<()> {
     eprintln!("preloading {n} envelopes into {topic}");
-    let loaded = generate::run(
+    let loaded = generate::run_encoded(
         kafka,
         GenerateOptions {
             kind: TrafficKind::Envelopes,
@@ -61,6 +72,7 @@ pub async fn preload_envelopes(kafka: &KafkaSettings, topic: &str, n: u64) -> an
             series: 1,
             topic: Some(topic.to_string()),
         },
+        codec,
         CancellationToken::new(),
     )
     .await?;
