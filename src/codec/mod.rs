@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
@@ -120,18 +121,39 @@ fn record_error(kind: &'static str, reason: impl Into<String>) -> CodecError {
 
 /// One stage's codec for one record type (its schema): decodes what it reads, encodes what it
 /// writes. Cheap to clone; clones share the registry caches.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Codec {
     settings: Arc<CodecSettings>,
     registry: Option<Arc<Registry>>,
     /// Names the schema in messages: `schemas/<stem>.avsc` for the built-in ones.
     label: Arc<str>,
     text: Arc<str>,
-    schema: Arc<Schema>,
-    /// Per writer schema id: whether it resolves to `schema` (the reason if not).
-    resolvable: Arc<Mutex<HashMap<u32, Result<(), String>>>>,
+    schema: &'static Schema,
+    /// Built once: building one resolves the schema's names, too slow to do per record.
+    datum_writer: Arc<GenericDatumWriter<'static>>,
+    /// Per writer schema id: how to read it (or why it cannot be read as `schema`).
+    plans: Arc<Mutex<HashMap<u32, PlanOrReason>>>,
     /// Per output topic: the id of `schema` under the topic's subject.
     writer_ids: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("schema", &self.label)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+type PlanOrReason = Result<Arc<ReadPlan>, String>;
+
+/// How to read records of one writer schema: a reader built once, and the reader schema's
+/// names when the writer's schema differs (another version: resolution needed).
+struct ReadPlan {
+    writer: &'static Schema,
+    datum_reader: GenericDatumReader<'static>,
+    resolve_to: Option<ResolvedSchema<'static>>,
 }
 
 impl Codec {
@@ -141,15 +163,33 @@ impl Codec {
         registry: Option<Arc<Registry>>,
         schema_name: SchemaName,
     ) -> Codec {
-        Codec {
+        Codec::build(
             settings,
             registry,
-            label: format!("schemas/{}.avsc", schema_name.file_stem()).into(),
-            text: schema_name.text().into(),
-            schema: Arc::new(schema_name.parse()),
-            resolvable: Arc::default(),
+            format!("schemas/{}.avsc", schema_name.file_stem()).into(),
+            schema_name.text().into(),
+            schema_name.parsed(),
+        )
+        .expect("the built-in schemas build writers (unit-tested)")
+    }
+
+    fn build(
+        settings: Arc<CodecSettings>,
+        registry: Option<Arc<Registry>>,
+        label: Arc<str>,
+        text: Arc<str>,
+        schema: &'static Schema,
+    ) -> Result<Codec, apache_avro::Error> {
+        Ok(Codec {
+            settings,
+            registry,
+            label,
+            text,
+            schema,
+            datum_writer: Arc::new(GenericDatumWriter::builder(schema).build()?),
+            plans: Arc::default(),
             writer_ids: Arc::default(),
-        }
+        })
     }
 
     /// A codec for another schema (another version of a built-in one, say); `label` names it
@@ -160,15 +200,9 @@ impl Codec {
         label: &str,
         text: &str,
     ) -> Result<Codec, apache_avro::Error> {
-        Ok(Codec {
-            settings,
-            registry,
-            label: label.into(),
-            text: text.into(),
-            schema: Arc::new(Schema::parse_str(text)?),
-            resolvable: Arc::default(),
-            writer_ids: Arc::default(),
-        })
+        // Leaked like registry schemas: a few per process (other versions, in tools and tests).
+        let schema: &'static Schema = Box::leak(Box::new(Schema::parse_str(text)?));
+        Codec::build(settings, registry, label.into(), text.into(), schema)
     }
 
     /// A JSON-only codec (tests, tools that never see Avro).
@@ -227,20 +261,14 @@ impl Codec {
                 other => CodecError::Unavailable(other.to_string()),
             })?,
         };
-        self.check_resolvable(id, &writer)?;
+        let plan = self.plan(id, writer)?;
         let mut body = &bytes[HEADER_BYTES..];
-        // Read with the writer's schema alone and validate before resolving: apache-avro reads
-        // a string cut short by the end of the record as null instead of failing, so a
-        // truncated body would otherwise pass as a record with missing text.
-        let written = GenericDatumReader::builder(&writer)
-            .build()
-            .and_then(|reader| reader.read_value(&mut body))
-            .map_err(|e| {
-                record_error(
-                    "avro_body",
-                    format!("body does not match writer schema id {id}: {e}"),
-                )
-            })?;
+        let written = plan.datum_reader.read_value(&mut body).map_err(|e| {
+            record_error(
+                "avro_body",
+                format!("body does not match writer schema id {id}: {e}"),
+            )
+        })?;
         if !body.is_empty() {
             return Err(record_error(
                 "avro_body",
@@ -250,36 +278,54 @@ impl Codec {
                 ),
             ));
         }
-        if !written.validate(&writer) {
+        // apache-avro reads a string cut short by the end of the record as null instead of
+        // failing: a truncated body would pass as a record with missing text.
+        if let Some(path) = transcode::null_in_place_of_value(&written, plan.writer) {
             return Err(record_error(
                 "avro_body",
-                format!("body is truncated or does not match writer schema id {id}"),
+                format!("body is truncated: field `{path}` of writer schema id {id} is cut off"),
             ));
         }
-        let value = written.resolve(&self.schema).map_err(|e| {
-            record_error(
-                "avro_incompatible_schema",
-                format!(
-                    "writer schema id {id} does not resolve to {}: {e}",
-                    self.label
-                ),
-            )
-        })?;
-        let json = transcode::avro_to_json(&value, &self.schema)
+        let value = match &plan.resolve_to {
+            None => written,
+            Some(names) => written
+                .resolve_with_names(self.schema, names.get_names())
+                .map_err(|e| {
+                    record_error(
+                        "avro_incompatible_schema",
+                        format!(
+                            "writer schema id {id} does not resolve to {}: {e}",
+                            self.label
+                        ),
+                    )
+                })?,
+        };
+        let json = transcode::avro_to_json(&value, self.schema)
             .map_err(|e| record_error("avro_body", e.to_string()))?;
         Ok(Cow::Owned(
             serde_json::to_vec(&json).expect("JSON values always serialize"),
         ))
     }
 
-    fn check_resolvable(&self, id: u32, writer: &Schema) -> Result<(), CodecError> {
-        let mut known = self.resolvable.lock().unwrap_or_else(|e| e.into_inner());
-        let verdict = known.entry(id).or_insert_with(|| {
-            SchemaCompatibility::can_read(writer, &self.schema)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+    /// The cached way to read `writer`'s records as `schema`, or why they cannot be.
+    fn plan(&self, id: u32, writer: &'static Schema) -> Result<Arc<ReadPlan>, CodecError> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = plans.entry(id).or_insert_with(|| {
+            SchemaCompatibility::can_read(writer, self.schema).map_err(|e| e.to_string())?;
+            let same = writer.canonical_form() == self.schema.canonical_form();
+            Ok(Arc::new(ReadPlan {
+                writer,
+                datum_reader: GenericDatumReader::builder(writer)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+                resolve_to: if same {
+                    None
+                } else {
+                    Some(ResolvedSchema::try_from(self.schema).map_err(|e| e.to_string())?)
+                },
+            }))
         });
-        verdict.clone().map_err(|reason| {
+        plan.clone().map_err(|reason| {
             record_error(
                 "avro_incompatible_schema",
                 format!(
@@ -298,20 +344,18 @@ impl Codec {
         let id = self.writer_id(topic).await?;
         let value: serde_json::Value = serde_json::from_slice(&json)
             .map_err(|e| record_error("avro_encode", format!("output is not JSON: {e}")))?;
-        let avro = transcode::json_to_avro(&value, &self.schema).map_err(|e| {
+        let avro = transcode::json_to_avro(&value, self.schema).map_err(|e| {
             record_error(
                 "avro_encode",
                 format!("output does not fit {}: {e}", self.label),
             )
         })?;
-        let body = GenericDatumWriter::builder(&self.schema)
-            .build()
-            .and_then(|writer| writer.write_value_to_vec(avro))
-            .map_err(|e| record_error("avro_encode", e.to_string()))?;
-        let mut framed = Vec::with_capacity(HEADER_BYTES + body.len());
+        let mut framed = Vec::with_capacity(HEADER_BYTES + json.len());
         framed.push(MAGIC_BYTE);
         framed.extend_from_slice(&id.to_be_bytes());
-        framed.extend_from_slice(&body);
+        self.datum_writer
+            .write_value(&mut framed, avro)
+            .map_err(|e| record_error("avro_encode", e.to_string()))?;
         Ok(framed)
     }
 
@@ -371,14 +415,14 @@ pub async fn decode_with_writer_schema(
         .await
         .map_err(|e| record_error("avro_unknown_schema", e.to_string()))?;
     let mut body = &bytes[HEADER_BYTES..];
-    let value = GenericDatumReader::builder(&writer)
+    let value = GenericDatumReader::builder(writer)
         .build()
         .and_then(|reader| reader.read_value(&mut body))
         .map_err(|e| record_error("avro_body", e.to_string()))?;
-    if !body.is_empty() || !value.validate(&writer) {
+    if !body.is_empty() || transcode::null_in_place_of_value(&value, writer).is_some() {
         return Err(record_error("avro_body", "body does not match its schema"));
     }
-    let json = transcode::avro_to_json(&value, &writer)
+    let json = transcode::avro_to_json(&value, writer)
         .map_err(|e| record_error("avro_body", e.to_string()))?;
     Ok((id, json))
 }

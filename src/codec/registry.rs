@@ -2,7 +2,7 @@
 //! id (cached forever, ids are immutable), subject lookups, registration and compatibility.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use apache_avro::Schema;
@@ -52,7 +52,9 @@ pub struct Registry {
     settings: SrSettings,
     http: reqwest::Client,
     base_url: String,
-    by_id: RwLock<HashMap<u32, Arc<Schema>>>,
+    /// Leaked on purpose: ids are immutable and few, each fetched once and kept for the
+    /// process's life, and `'static` lets decoders cache readers that borrow them.
+    by_id: RwLock<HashMap<u32, &'static Schema>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -87,16 +89,16 @@ impl Registry {
     }
 
     /// A schema already fetched: the hot path of decoding, no await.
-    pub fn cached(&self, id: u32) -> Option<Arc<Schema>> {
+    pub fn cached(&self, id: u32) -> Option<&'static Schema> {
         self.by_id
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
-            .cloned()
+            .copied()
     }
 
     /// The writer schema of a record by the id in its framing.
-    pub async fn schema_by_id(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
+    pub async fn schema_by_id(&self, id: u32) -> Result<&'static Schema, RegistryError> {
         if let Some(schema) = self.cached(id) {
             return Ok(schema);
         }
@@ -117,11 +119,11 @@ impl Registry {
                 id,
                 reason: e.to_string(),
             })?;
-        let schema = Arc::new(schema);
-        self.by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, schema.clone());
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        // Another task may have fetched it meanwhile: keep one copy per id.
+        let schema: &'static Schema = by_id
+            .entry(id)
+            .or_insert_with(|| Box::leak(Box::new(schema)));
         Ok(schema)
     }
 

@@ -1,6 +1,8 @@
 //! The Avro schemas under schemas/, compiled into the binary: what each stage reads and writes.
 //! Topics name their schema in topics/topics.toml (`value_schema`); subjects are `<topic>-value`.
 
+use std::sync::OnceLock;
+
 use apache_avro::Schema;
 
 /// Every record the pipeline reads or writes, by its file under schemas/.
@@ -56,6 +58,17 @@ impl SchemaName {
     /// The parsed schema; the files are part of the build and tested to parse.
     pub fn parse(self) -> Schema {
         Schema::parse_str(self.text()).expect("schemas/*.avsc are valid Avro (unit-tested)")
+    }
+
+    /// The parsed schema, once per process (codecs borrow it for their cached readers).
+    pub fn parsed(self) -> &'static Schema {
+        static PARSED: OnceLock<Vec<Schema>> = OnceLock::new();
+        let all = PARSED.get_or_init(|| SchemaName::ALL.iter().map(|s| s.parse()).collect());
+        let index = SchemaName::ALL
+            .iter()
+            .position(|s| *s == self)
+            .expect("ALL lists every schema");
+        &all[index]
     }
 }
 

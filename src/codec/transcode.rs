@@ -126,6 +126,39 @@ fn to_json(
     })
 }
 
+/// The path of a value read as null where its schema has no null (apache-avro's reading of a
+/// string cut off by the end of the input), if any; `value` as read with `schema`.
+pub fn null_in_place_of_value(value: &Avro, schema: &Schema) -> Option<String> {
+    find_null(value, schema, "")
+}
+
+fn find_null(value: &Avro, schema: &Schema, path: &str) -> Option<String> {
+    match (value, schema) {
+        (Avro::Null, Schema::Null) => None,
+        (Avro::Null, _) => Some(if path.is_empty() {
+            "<root>".into()
+        } else {
+            path.into()
+        }),
+        (Avro::Union(index, inner), Schema::Union(union)) => union
+            .variants()
+            .get(*index as usize)
+            .and_then(|branch| find_null(inner, branch, path)),
+        (Avro::Record(fields), Schema::Record(record)) => fields
+            .iter()
+            .zip(&record.fields)
+            .find_map(|((name, v), field)| find_null(v, &field.schema, &join(path, name))),
+        (Avro::Array(items), Schema::Array(array)) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_null(item, &array.items, &format!("{path}[{i}]"))),
+        (Avro::Map(entries), Schema::Map(map)) => entries
+            .iter()
+            .find_map(|(k, v)| find_null(v, &map.types, &join(path, k))),
+        _ => None,
+    }
+}
+
 fn number(f: f64, path: &str) -> Result<Json, TranscodeError> {
     Number::from_f64(f)
         .map(Json::Number)
@@ -338,6 +371,40 @@ mod tests {
             panic!("a record")
         };
         assert_eq!(fields[2].1, Avro::TimestampMillis(1_714_564_800_000));
+    }
+
+    #[test]
+    fn a_string_cut_off_by_the_end_of_the_body_is_found() {
+        let schema = SchemaName::Envelope.parse();
+        let envelope = json!({"service": "lk", "action": "a", "payload": {"message": "m",
+            "timestamp": "t", "data": {"user_id": 0}}});
+        let avro = json_to_avro(&envelope, &schema).unwrap();
+        let bytes = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(avro)
+            .unwrap();
+        let read = |bytes: &[u8]| {
+            apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+                .build()
+                .unwrap()
+                .read_value(&mut &bytes[..])
+        };
+        // apache-avro reads the cut string as null rather than failing: the check finds it.
+        let cut = read(&bytes[..bytes.len() - 4]).expect("apache-avro accepts it");
+        assert_eq!(
+            null_in_place_of_value(&cut, &schema).as_deref(),
+            Some("payload.data")
+        );
+        assert_eq!(
+            null_in_place_of_value(&read(&bytes).unwrap(), &schema),
+            None
+        );
+        // A real null in a nullable field is not a defect.
+        let bare =
+            json!({"service": "lk", "action": "a", "payload": {"message": "m", "timestamp": "t"}});
+        let value = json_to_avro(&bare, &schema).unwrap();
+        assert_eq!(null_in_place_of_value(&value, &schema), None);
     }
 
     #[test]
