@@ -186,7 +186,13 @@ impl Codec {
             label,
             text,
             schema,
-            datum_writer: Arc::new(GenericDatumWriter::builder(schema).build()?),
+            // Values are built by walking the schema (transcode::json_to_avro), so the writer's
+            // own validation pass would only repeat that walk.
+            datum_writer: Arc::new(
+                GenericDatumWriter::builder(schema)
+                    .validate(false)
+                    .build()?,
+            ),
             plans: Arc::default(),
             writer_ids: Arc::default(),
         })
@@ -300,11 +306,9 @@ impl Codec {
                     )
                 })?,
         };
-        let json = transcode::avro_to_json(&value, self.schema)
+        let json = transcode::avro_to_json_bytes(&value, self.schema)
             .map_err(|e| record_error("avro_body", e.to_string()))?;
-        Ok(Cow::Owned(
-            serde_json::to_vec(&json).expect("JSON values always serialize"),
-        ))
+        Ok(Cow::Owned(json))
     }
 
     /// The cached way to read `writer`'s records as `schema`, or why they cannot be.

@@ -9,7 +9,12 @@
 use apache_avro::schema::{RecordField, Schema, UnionSchema};
 use apache_avro::types::Value as Avro;
 use chrono::{DateTime, SecondsFormat};
-use serde_json::{Map, Number, Value as Json};
+use std::cell::RefCell;
+
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value as Json;
 
 use crate::envelope::parse_timestamp;
 
@@ -24,22 +29,30 @@ pub struct TranscodeError {
     pub reason: String,
 }
 
-fn error(path: &str, reason: impl Into<String>) -> TranscodeError {
+fn error(path: &Path<'_>, reason: impl Into<String>) -> TranscodeError {
     TranscodeError {
-        path: if path.is_empty() {
-            "<root>".into()
-        } else {
-            path.into()
-        },
+        path: path.to_string(),
         reason: reason.into(),
     }
 }
 
-fn join(path: &str, name: &str) -> String {
-    if path.is_empty() {
-        name.to_string()
-    } else {
-        format!("{path}.{name}")
+/// Where a value sits in the record, built on the stack as the walk descends and rendered only
+/// for an error (a string per field would cost more than the conversion itself).
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root,
+    Field(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root => f.write_str("<root>"),
+            Path::Field(Path::Root, name) => f.write_str(name),
+            Path::Field(parent, name) => write!(f, "{parent}.{name}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
     }
 }
 
@@ -53,93 +66,164 @@ fn is_json_text(field: &RecordField) -> bool {
 
 /// An Avro value (already resolved to `schema`, the reader's) as JSON.
 pub fn avro_to_json(value: &Avro, schema: &Schema) -> Result<Json, TranscodeError> {
-    to_json(value, schema, "", false)
+    let failure = RefCell::new(None);
+    serde_json::to_value(AsJson::root(value, schema, &failure)).map_err(|e| take(&failure, e))
 }
 
-fn to_json(
-    value: &Avro,
-    schema: &Schema,
-    path: &str,
+/// `avro_to_json` written straight to bytes, without building a JSON tree (the hot path).
+pub fn avro_to_json_bytes(value: &Avro, schema: &Schema) -> Result<Vec<u8>, TranscodeError> {
+    let failure = RefCell::new(None);
+    serde_json::to_vec(&AsJson::root(value, schema, &failure)).map_err(|e| take(&failure, e))
+}
+
+fn take(failure: &RefCell<Option<TranscodeError>>, e: serde_json::Error) -> TranscodeError {
+    failure
+        .take()
+        .unwrap_or_else(|| error(&Path::Root, e.to_string()))
+}
+
+/// Serializes an Avro value as the JSON the stages process; the first defect is kept with its
+/// path in `failure` (serde's error type cannot carry it).
+struct AsJson<'a> {
+    value: &'a Avro,
+    schema: &'a Schema,
+    path: &'a Path<'a>,
     json_text: bool,
-) -> Result<Json, TranscodeError> {
-    Ok(match (value, schema) {
-        (Avro::Union(index, inner), Schema::Union(union)) => {
-            let branch = union
-                .variants()
-                .get(*index as usize)
-                .ok_or_else(|| error(path, format!("union branch {index} does not exist")))?;
-            to_json(inner, branch, path, json_text)?
+    failure: &'a RefCell<Option<TranscodeError>>,
+}
+
+impl<'a> AsJson<'a> {
+    fn root(
+        value: &'a Avro,
+        schema: &'a Schema,
+        failure: &'a RefCell<Option<TranscodeError>>,
+    ) -> AsJson<'a> {
+        AsJson {
+            value,
+            schema,
+            path: &Path::Root,
+            json_text: false,
+            failure,
         }
-        (Avro::Record(fields), Schema::Record(record)) => {
-            let mut object = Map::with_capacity(fields.len());
-            for (name, field_value) in fields {
-                let field = record
-                    .lookup
-                    .get(name)
-                    .map(|&i| &record.fields[i])
-                    .ok_or_else(|| error(path, format!("field {name:?} is not in the schema")))?;
-                let child = join(path, name);
-                object.insert(
-                    name.clone(),
-                    to_json(field_value, &field.schema, &child, is_json_text(field))?,
-                );
+    }
+
+    fn fail<E: serde::ser::Error>(&self, reason: String) -> E {
+        let defect = error(self.path, reason);
+        let message = defect.to_string();
+        self.failure.borrow_mut().get_or_insert(defect);
+        E::custom(message)
+    }
+}
+
+impl Serialize for AsJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match (self.value, self.schema) {
+            (Avro::Union(index, inner), Schema::Union(union)) => {
+                let branch = union
+                    .variants()
+                    .get(*index as usize)
+                    .ok_or_else(|| self.fail(format!("union branch {index} does not exist")))?;
+                self.child(inner, branch, self.path, self.json_text)
+                    .serialize(s)
             }
-            Json::Object(object)
-        }
-        (Avro::String(text), _) if json_text => serde_json::from_str(text)
-            .map_err(|e| error(path, format!("embedded JSON text does not parse: {e}")))?,
-        (Avro::Null, _) => Json::Null,
-        (Avro::Boolean(b), _) => Json::Bool(*b),
-        (Avro::Int(n), _) | (Avro::Date(n), _) | (Avro::TimeMillis(n), _) => Json::from(*n),
-        (Avro::Long(n), _) | (Avro::TimeMicros(n), _) | (Avro::TimestampMicros(n), _) => {
-            Json::from(*n)
-        }
-        (Avro::TimestampMillis(ms), _) | (Avro::LocalTimestampMillis(ms), _) => {
-            match DateTime::from_timestamp_millis(*ms) {
-                Some(t) => Json::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)),
-                None => Json::from(*ms),
+            (Avro::Record(fields), Schema::Record(record)) => {
+                let mut object = s.serialize_map(Some(fields.len()))?;
+                for (name, value) in fields {
+                    let field = record
+                        .lookup
+                        .get(name)
+                        .map(|&i| &record.fields[i])
+                        .ok_or_else(|| self.fail(format!("field {name:?} is not in the schema")))?;
+                    let path = Path::Field(self.path, name);
+                    object.serialize_entry(
+                        name,
+                        &self.child(value, &field.schema, &path, is_json_text(field)),
+                    )?;
+                }
+                object.end()
             }
+            // Embedded JSON text goes out as it is, checked but not parsed into a tree.
+            (Avro::String(text), _) if self.json_text => {
+                let raw: &RawValue = serde_json::from_str(text)
+                    .map_err(|e| self.fail(format!("embedded JSON text does not parse: {e}")))?;
+                raw.serialize(s)
+            }
+            (Avro::Null, _) => s.serialize_unit(),
+            (Avro::Boolean(b), _) => s.serialize_bool(*b),
+            (Avro::Int(n), _) | (Avro::Date(n), _) | (Avro::TimeMillis(n), _) => {
+                s.serialize_i32(*n)
+            }
+            (Avro::Long(n), _) | (Avro::TimeMicros(n), _) | (Avro::TimestampMicros(n), _) => {
+                s.serialize_i64(*n)
+            }
+            (Avro::TimestampMillis(ms), _) | (Avro::LocalTimestampMillis(ms), _) => {
+                match DateTime::from_timestamp_millis(*ms) {
+                    Some(t) => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                    None => s.serialize_i64(*ms),
+                }
+            }
+            (Avro::Float(f), _) => self.finite(f64::from(*f), s),
+            (Avro::Double(f), _) => self.finite(*f, s),
+            (Avro::String(text), _) | (Avro::Enum(_, text), _) => s.serialize_str(text),
+            (Avro::Uuid(u), _) => s.serialize_str(&u.to_string()),
+            (Avro::Array(items), Schema::Array(array)) => {
+                let mut list = s.serialize_seq(Some(items.len()))?;
+                for (i, item) in items.iter().enumerate() {
+                    let path = Path::Index(self.path, i);
+                    list.serialize_element(&self.child(item, &array.items, &path, false))?;
+                }
+                list.end()
+            }
+            (Avro::Map(entries), Schema::Map(map)) => {
+                let mut object = s.serialize_map(Some(entries.len()))?;
+                for (key, value) in entries {
+                    let path = Path::Field(self.path, key);
+                    object.serialize_entry(key, &self.child(value, &map.types, &path, false))?;
+                }
+                object.end()
+            }
+            (other, _) => Err(self.fail(format!("Avro value {other:?} has no JSON mapping here"))),
         }
-        (Avro::Float(f), _) => number(f64::from(*f), path)?,
-        (Avro::Double(f), _) => number(*f, path)?,
-        (Avro::String(s), _) | (Avro::Enum(_, s), _) => Json::String(s.clone()),
-        (Avro::Uuid(u), _) => Json::String(u.to_string()),
-        (Avro::Array(items), Schema::Array(array)) => Json::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| to_json(item, &array.items, &format!("{path}[{i}]"), false))
-                .collect::<Result<_, _>>()?,
-        ),
-        (Avro::Map(entries), Schema::Map(map)) => Json::Object(
-            entries
-                .iter()
-                .map(|(k, v)| Ok((k.clone(), to_json(v, &map.types, &join(path, k), false)?)))
-                .collect::<Result<_, TranscodeError>>()?,
-        ),
-        (other, _) => {
-            return Err(error(
-                path,
-                format!("Avro value {other:?} has no JSON mapping here"),
-            ))
+    }
+}
+
+impl AsJson<'_> {
+    fn child<'b>(
+        &'b self,
+        value: &'b Avro,
+        schema: &'b Schema,
+        path: &'b Path<'b>,
+        json_text: bool,
+    ) -> AsJson<'b> {
+        AsJson {
+            value,
+            schema,
+            path,
+            json_text,
+            failure: self.failure,
         }
-    })
+    }
+
+    /// JSON has no NaN or infinity: such a value is a defect, not a silent null.
+    fn finite<S: Serializer>(&self, f: f64, s: S) -> Result<S::Ok, S::Error> {
+        if f.is_finite() {
+            s.serialize_f64(f)
+        } else {
+            Err(self.fail(format!("{f} is not a finite number")))
+        }
+    }
 }
 
 /// The path of a value read as null where its schema has no null (apache-avro's reading of a
 /// string cut off by the end of the input), if any; `value` as read with `schema`.
 pub fn null_in_place_of_value(value: &Avro, schema: &Schema) -> Option<String> {
-    find_null(value, schema, "")
+    find_null(value, schema, &Path::Root)
 }
 
-fn find_null(value: &Avro, schema: &Schema, path: &str) -> Option<String> {
+fn find_null(value: &Avro, schema: &Schema, path: &Path<'_>) -> Option<String> {
     match (value, schema) {
         (Avro::Null, Schema::Null) => None,
-        (Avro::Null, _) => Some(if path.is_empty() {
-            "<root>".into()
-        } else {
-            path.into()
-        }),
+        (Avro::Null, _) => Some(path.to_string()),
         (Avro::Union(index, inner), Schema::Union(union)) => union
             .variants()
             .get(*index as usize)
@@ -147,34 +231,28 @@ fn find_null(value: &Avro, schema: &Schema, path: &str) -> Option<String> {
         (Avro::Record(fields), Schema::Record(record)) => fields
             .iter()
             .zip(&record.fields)
-            .find_map(|((name, v), field)| find_null(v, &field.schema, &join(path, name))),
+            .find_map(|((name, v), field)| find_null(v, &field.schema, &Path::Field(path, name))),
         (Avro::Array(items), Schema::Array(array)) => items
             .iter()
             .enumerate()
-            .find_map(|(i, item)| find_null(item, &array.items, &format!("{path}[{i}]"))),
+            .find_map(|(i, item)| find_null(item, &array.items, &Path::Index(path, i))),
         (Avro::Map(entries), Schema::Map(map)) => entries
             .iter()
-            .find_map(|(k, v)| find_null(v, &map.types, &join(path, k))),
+            .find_map(|(k, v)| find_null(v, &map.types, &Path::Field(path, k))),
         _ => None,
     }
-}
-
-fn number(f: f64, path: &str) -> Result<Json, TranscodeError> {
-    Number::from_f64(f)
-        .map(Json::Number)
-        .ok_or_else(|| error(path, format!("{f} is not a finite number")))
 }
 
 /// A JSON value as an Avro value of `schema` (the writer's); a field absent from the JSON takes
 /// the schema's default, or is an error naming it.
 pub fn json_to_avro(value: &Json, schema: &Schema) -> Result<Avro, TranscodeError> {
-    to_avro(value, schema, "", false)
+    to_avro(value, schema, &Path::Root, false)
 }
 
 fn to_avro(
     value: &Json,
     schema: &Schema,
-    path: &str,
+    path: &Path<'_>,
     json_text: bool,
 ) -> Result<Avro, TranscodeError> {
     let mismatch = |expected: &str| {
@@ -224,7 +302,7 @@ fn to_avro(
                 items
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| to_avro(item, &array.items, &format!("{path}[{i}]"), false))
+                    .map(|(i, item)| to_avro(item, &array.items, &Path::Index(path, i), false))
                     .collect::<Result<_, _>>()?,
             )
         }
@@ -233,7 +311,12 @@ fn to_avro(
             Avro::Map(
                 entries
                     .iter()
-                    .map(|(k, v)| Ok((k.clone(), to_avro(v, &map.types, &join(path, k), false)?)))
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone(),
+                            to_avro(v, &map.types, &Path::Field(path, k), false)?,
+                        ))
+                    })
                     .collect::<Result<_, TranscodeError>>()?,
             )
         }
@@ -241,7 +324,7 @@ fn to_avro(
             let object = value.as_object().ok_or_else(|| mismatch("an object"))?;
             let mut fields = Vec::with_capacity(record.fields.len());
             for field in &record.fields {
-                let child = join(path, &field.name);
+                let child = Path::Field(path, &field.name);
                 let field_value = match object.get(&field.name) {
                     Some(v) => to_avro(v, &field.schema, &child, is_json_text(field))?,
                     None => match &field.default {
@@ -270,7 +353,7 @@ fn to_avro(
 fn union_branch(
     value: &Json,
     union: &UnionSchema,
-    path: &str,
+    path: &Path<'_>,
     json_text: bool,
 ) -> Result<Avro, TranscodeError> {
     let variants = union.variants();
