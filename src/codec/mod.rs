@@ -346,9 +346,7 @@ impl Codec {
             return Ok(json);
         }
         let id = self.writer_id(topic).await?;
-        let value: serde_json::Value = serde_json::from_slice(&json)
-            .map_err(|e| record_error("avro_encode", format!("output is not JSON: {e}")))?;
-        let avro = transcode::json_to_avro(&value, self.schema).map_err(|e| {
+        let avro = transcode::json_bytes_to_avro(&json, self.schema).map_err(|e| {
             record_error(
                 "avro_encode",
                 format!("output does not fit {}: {e}", self.label),

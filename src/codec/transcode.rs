@@ -10,6 +10,7 @@ use apache_avro::schema::{RecordField, Schema, UnionSchema};
 use apache_avro::types::Value as Avro;
 use chrono::{DateTime, SecondsFormat};
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
@@ -246,82 +247,96 @@ fn find_null(value: &Avro, schema: &Schema, path: &Path<'_>) -> Option<String> {
 /// A JSON value as an Avro value of `schema` (the writer's); a field absent from the JSON takes
 /// the schema's default, or is an error naming it.
 pub fn json_to_avro(value: &Json, schema: &Schema) -> Result<Avro, TranscodeError> {
-    to_avro(value, schema, &Path::Root, false)
+    json_bytes_to_avro(value.to_string().as_bytes(), schema)
+}
+
+/// `json_to_avro` from JSON text, parsed lazily as the schema is walked: no JSON tree is built,
+/// and embedded JSON text (`"eventpipe.format": "json"`) is taken exactly as written.
+pub fn json_bytes_to_avro(json: &[u8], schema: &Schema) -> Result<Avro, TranscodeError> {
+    let raw: &RawValue =
+        serde_json::from_slice(json).map_err(|e| error(&Path::Root, format!("not JSON: {e}")))?;
+    to_avro(raw, schema, &Path::Root, false)
+}
+
+/// Parses one JSON value of an expected shape, or says what was found instead.
+fn parse<'a, T: serde::Deserialize<'a>>(
+    raw: &'a RawValue,
+    path: &Path<'_>,
+    expected: &str,
+) -> Result<T, TranscodeError> {
+    serde_json::from_str(raw.get()).map_err(|_| {
+        error(
+            path,
+            format!("expected {expected}, found {}", json_kind(raw)),
+        )
+    })
 }
 
 fn to_avro(
-    value: &Json,
+    raw: &RawValue,
     schema: &Schema,
     path: &Path<'_>,
     json_text: bool,
 ) -> Result<Avro, TranscodeError> {
-    let mismatch = |expected: &str| {
-        error(
-            path,
-            format!("expected {expected}, found {}", json_kind(value)),
-        )
-    };
     Ok(match schema {
-        Schema::Union(union) => union_branch(value, union, path, json_text)?,
-        Schema::Null => match value {
-            Json::Null => Avro::Null,
-            _ => return Err(mismatch("null")),
-        },
-        Schema::String if json_text => Avro::String(value.to_string()),
-        Schema::String => match value {
-            Json::String(s) => Avro::String(s.clone()),
-            _ => return Err(mismatch("a string")),
-        },
-        Schema::Boolean => Avro::Boolean(value.as_bool().ok_or_else(|| mismatch("a boolean"))?),
+        Schema::Union(union) => union_branch(raw, union, path, json_text)?,
+        Schema::Null => {
+            parse::<()>(raw, path, "null")?;
+            Avro::Null
+        }
+        Schema::String if json_text => Avro::String(raw.get().to_string()),
+        Schema::String => Avro::String(parse(raw, path, "a string")?),
+        Schema::Boolean => Avro::Boolean(parse(raw, path, "a boolean")?),
         Schema::Int => {
-            let n = value.as_i64().ok_or_else(|| mismatch("an integer"))?;
+            let n: i64 = parse(raw, path, "an integer")?;
             Avro::Int(
                 i32::try_from(n).map_err(|_| error(path, format!("{n} does not fit an int")))?,
             )
         }
-        Schema::Long => Avro::Long(value.as_i64().ok_or_else(|| mismatch("an integer"))?),
-        Schema::Float => Avro::Float(value.as_f64().ok_or_else(|| mismatch("a number"))? as f32),
-        Schema::Double => Avro::Double(value.as_f64().ok_or_else(|| mismatch("a number"))?),
-        Schema::TimestampMillis => Avro::TimestampMillis(match value {
-            Json::String(text) => parse_timestamp(text)
-                .ok_or_else(|| error(path, format!("{text:?} is not an RFC 3339 timestamp")))?
-                .timestamp_millis(),
-            _ => value.as_i64().ok_or_else(|| mismatch("a timestamp"))?,
+        Schema::Long => Avro::Long(parse(raw, path, "an integer")?),
+        Schema::Float => Avro::Float(parse::<f64>(raw, path, "a number")? as f32),
+        Schema::Double => Avro::Double(parse(raw, path, "a number")?),
+        Schema::TimestampMillis => Avro::TimestampMillis(match json_kind(raw) {
+            "a string" => {
+                let text: String = parse(raw, path, "a timestamp")?;
+                parse_timestamp(&text)
+                    .ok_or_else(|| error(path, format!("{text:?} is not an RFC 3339 timestamp")))?
+                    .timestamp_millis()
+            }
+            _ => parse(raw, path, "a timestamp")?,
         }),
         Schema::Enum(e) => {
-            let symbol = value.as_str().ok_or_else(|| mismatch("a string"))?;
+            let symbol: String = parse(raw, path, "a string")?;
             let index =
-                e.symbols.iter().position(|s| s == symbol).ok_or_else(|| {
+                e.symbols.iter().position(|s| *s == symbol).ok_or_else(|| {
                     error(path, format!("{symbol:?} is not one of {:?}", e.symbols))
                 })?;
-            Avro::Enum(index as u32, symbol.to_string())
+            Avro::Enum(index as u32, symbol)
         }
         Schema::Array(array) => {
-            let items = value.as_array().ok_or_else(|| mismatch("an array"))?;
+            let items: Vec<&RawValue> = parse(raw, path, "an array")?;
             Avro::Array(
                 items
-                    .iter()
+                    .into_iter()
                     .enumerate()
                     .map(|(i, item)| to_avro(item, &array.items, &Path::Index(path, i), false))
                     .collect::<Result<_, _>>()?,
             )
         }
         Schema::Map(map) => {
-            let entries = value.as_object().ok_or_else(|| mismatch("an object"))?;
+            let entries: HashMap<String, &RawValue> = parse(raw, path, "an object")?;
             Avro::Map(
                 entries
-                    .iter()
+                    .into_iter()
                     .map(|(k, v)| {
-                        Ok((
-                            k.clone(),
-                            to_avro(v, &map.types, &Path::Field(path, k), false)?,
-                        ))
+                        let value = to_avro(v, &map.types, &Path::Field(path, &k), false)?;
+                        Ok((k, value))
                     })
                     .collect::<Result<_, TranscodeError>>()?,
             )
         }
         Schema::Record(record) => {
-            let object = value.as_object().ok_or_else(|| mismatch("an object"))?;
+            let object: HashMap<String, &RawValue> = parse(raw, path, "an object")?;
             let mut fields = Vec::with_capacity(record.fields.len());
             for field in &record.fields {
                 let child = Path::Field(path, &field.name);
@@ -329,7 +344,12 @@ fn to_avro(
                     Some(v) => to_avro(v, &field.schema, &child, is_json_text(field))?,
                     None => match &field.default {
                         // A default is written in the JSON of the field's (first) type.
-                        Some(default) => to_avro(default, &field.schema, &child, false)?,
+                        Some(default) => {
+                            let text = default.to_string();
+                            let default: &RawValue = serde_json::from_str(&text)
+                                .map_err(|e| error(&child, format!("bad default: {e}")))?;
+                            to_avro(default, &field.schema, &child, false)?
+                        }
                         None => {
                             return Err(error(&child, "missing, and the schema has no default"))
                         }
@@ -351,13 +371,13 @@ fn to_avro(
 /// Picks the union branch for a JSON value: `null` for null, otherwise the first non-null
 /// branch the value fits.
 fn union_branch(
-    value: &Json,
+    raw: &RawValue,
     union: &UnionSchema,
     path: &Path<'_>,
     json_text: bool,
 ) -> Result<Avro, TranscodeError> {
     let variants = union.variants();
-    if value.is_null() {
+    if json_kind(raw) == "null" {
         if let Some(index) = variants.iter().position(|s| matches!(s, Schema::Null)) {
             return Ok(Avro::Union(index as u32, Box::new(Avro::Null)));
         }
@@ -367,7 +387,7 @@ fn union_branch(
         if matches!(branch, Schema::Null) {
             continue;
         }
-        match to_avro(value, branch, path, json_text) {
+        match to_avro(raw, branch, path, json_text) {
             Ok(v) => return Ok(Avro::Union(index as u32, Box::new(v))),
             Err(e) => last_error = Some(e),
         }
@@ -375,19 +395,20 @@ fn union_branch(
     Err(last_error.unwrap_or_else(|| {
         error(
             path,
-            format!("{} fits no branch of the union", json_kind(value)),
+            format!("{} fits no branch of the union", json_kind(raw)),
         )
     }))
 }
 
-fn json_kind(value: &Json) -> &'static str {
-    match value {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
+/// What a JSON value is, from its first character (the text is valid JSON).
+fn json_kind(raw: &RawValue) -> &'static str {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
     }
 }
 
