@@ -34,6 +34,7 @@ RUN apt-get update \
 
 COPY --from=builder /usr/local/bin/eventpipe /usr/local/bin/eventpipe
 COPY topics/ /etc/eventpipe/topics/
+COPY schemas/ /etc/eventpipe/schemas/
 COPY migrations/ /etc/eventpipe/migrations/
 
 USER eventpipe:eventpipe
