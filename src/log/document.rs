@@ -3,6 +3,10 @@
 
 use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, SecondsFormat, Utc};
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::envelope::{parse_timestamp, DecodeError, Envelope, Payload};
@@ -31,7 +35,8 @@ pub struct RecordMeta<'a> {
 pub struct MappedDocument {
     pub index: String,
     pub id: String,
-    pub document: Value,
+    /// The document's JSON.
+    pub document: Vec<u8>,
 }
 
 /// A strftime pattern for index names, validated once: `logger-service-%Y.%m.%d`.
@@ -98,6 +103,197 @@ pub fn document_id(topic: &str, partition: i32, offset: i64) -> String {
 
 /// Maps one record's bytes to its document, or says why it is not a loggable envelope.
 pub fn map_record(
+    payload: &[u8],
+    meta: &RecordMeta<'_>,
+    pattern: &IndexPattern,
+    max_bytes: usize,
+) -> Result<MappedDocument, DecodeError> {
+    if payload.len() <= max_bytes {
+        if let Some(mapped) = map_typical(payload, meta, pattern) {
+            return Ok(mapped);
+        }
+    }
+    map_any(payload, meta, pattern, max_bytes)
+}
+
+/// The fast path, for the records the dispatcher writes: a borrowed, typed read with `data`
+/// kept as raw JSON, serialized straight to the document (no JSON tree). `None` for anything
+/// unusual (a missing or non-string timestamp, odd types, an empty action, invalid input):
+/// `map_any` then maps it, or says precisely what is wrong, exactly as before.
+fn map_typical(
+    payload: &[u8],
+    meta: &RecordMeta<'_>,
+    pattern: &IndexPattern,
+) -> Option<MappedDocument> {
+    let input: TypicalInput<'_> = serde_json::from_slice(payload).ok()?;
+    if input.action.trim().is_empty() {
+        return None;
+    }
+    let event_time = parse_timestamp(&input.payload.timestamp);
+    let timestamp = match event_time {
+        Some(t) => t,
+        None => meta
+            .timestamp_ms
+            .and_then(DateTime::<Utc>::from_timestamp_millis)?,
+    };
+    let level = input
+        .payload
+        .level
+        .as_deref()
+        .and_then(normalize_level)
+        .or_else(|| {
+            meta.level_header
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .and_then(normalize_level)
+        })
+        .unwrap_or_else(|| DEFAULT_LEVEL.to_string());
+    let origin = input.source.as_ref().map(|source| {
+        let (timestamp, timestamp_raw) = match source.timestamp.as_deref() {
+            None => (None, None),
+            Some(raw) => match parse_timestamp(raw) {
+                Some(t) => (Some(format_time(&t)), None),
+                None => (None, Some(raw)),
+            },
+        };
+        TypicalOrigin {
+            service: source.service.as_deref(),
+            action: source.action.as_deref(),
+            topic: source.topic.as_deref(),
+            key: source.key.as_deref(),
+            partition: source.partition,
+            offset: source.offset,
+            timestamp,
+            timestamp_raw,
+        }
+    });
+    let fallback = event_time.is_none();
+    let document = TypicalDocument {
+        timestamp: format_time(&timestamp),
+        service: LOGGER_SERVICE,
+        executer: &input.service,
+        message: &input.payload.message,
+        level,
+        action: &input.action,
+        kafka: KafkaTrail {
+            topic: meta.topic,
+            partition: meta.partition,
+            offset: meta.offset,
+            key: meta.key.map(String::from_utf8_lossy),
+            timestamp: meta
+                .timestamp_ms
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .map(|t| format_time(&t)),
+        },
+        data: input.payload.data,
+        origin,
+        tags: fallback.then_some([TIMESTAMP_FALLBACK_TAG]),
+        timestamp_raw: fallback.then_some(&*input.payload.timestamp),
+    };
+    Some(MappedDocument {
+        index: pattern.render(&timestamp),
+        id: document_id(meta.topic, meta.partition, meta.offset),
+        document: serde_json::to_vec(&document).ok()?,
+    })
+}
+
+#[derive(Deserialize)]
+struct TypicalInput<'a> {
+    #[serde(borrow)]
+    service: Cow<'a, str>,
+    #[serde(borrow)]
+    action: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: TypicalPayload<'a>,
+    #[serde(borrow, default)]
+    source: Option<TypicalSource<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TypicalPayload<'a> {
+    #[serde(borrow)]
+    message: Cow<'a, str>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow, default)]
+    level: Option<Cow<'a, str>>,
+    /// `None` when absent or null, as in the general path.
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TypicalSource<'a> {
+    #[serde(borrow, default)]
+    service: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(default)]
+    partition: Option<i64>,
+    #[serde(default)]
+    offset: Option<i64>,
+    #[serde(borrow, default)]
+    timestamp: Option<Cow<'a, str>>,
+}
+
+/// The document `map_any` builds, field for field.
+#[derive(Serialize)]
+struct TypicalDocument<'a> {
+    #[serde(rename = "@timestamp")]
+    timestamp: String,
+    service: &'static str,
+    executer: &'a str,
+    message: &'a str,
+    level: String,
+    action: &'a str,
+    kafka: KafkaTrail<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<TypicalOrigin<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<[&'static str; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp_raw: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct KafkaTrail<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TypicalOrigin<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp_raw: Option<&'a str>,
+}
+
+/// Maps any record, typical or not: the general path (a JSON tree), lenient where a log line
+/// is still worth keeping and precise about why when it is not.
+fn map_any(
     payload: &[u8],
     meta: &RecordMeta<'_>,
     pattern: &IndexPattern,
@@ -184,7 +380,7 @@ pub fn map_record(
     Ok(MappedDocument {
         index: pattern.render(&timestamp),
         id: document_id(meta.topic, meta.partition, meta.offset),
-        document,
+        document: serde_json::to_vec(&document).expect("a JSON value always serializes"),
     })
 }
 
@@ -281,8 +477,61 @@ mod tests {
         IndexPattern::parse("logger-service-%Y.%m.%d").unwrap()
     }
 
-    fn map(payload: &str, level_header: Option<&[u8]>) -> Result<MappedDocument, DecodeError> {
-        map_record(payload.as_bytes(), &meta(level_header), &pattern(), 1 << 20)
+    /// A mapped document with its JSON parsed, for assertions.
+    #[derive(Debug)]
+    struct Mapped {
+        index: String,
+        id: String,
+        document: Value,
+    }
+
+    fn map(payload: &str, level_header: Option<&[u8]>) -> Result<Mapped, DecodeError> {
+        map_record(payload.as_bytes(), &meta(level_header), &pattern(), 1 << 20).map(|m| Mapped {
+            index: m.index,
+            id: m.id,
+            document: serde_json::from_slice(&m.document).unwrap(),
+        })
+    }
+
+    #[test]
+    fn the_fast_path_maps_typical_records_exactly_like_the_general_one() {
+        let typical = [
+            DISPATCHED.to_string(),
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"2024-05-01T23:59:59.5","data":{"x":[1,{"y":null}],"big":12345678901234567890}}}"#.into(),
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"2024-05-01T12:00:00Z","level":" ERROR ","data":null}}"#.into(),
+            r#"{"service":"lk","action":"a","payload":{"message":"m\n\"q\"","timestamp":"yesterday"},"extra":1}"#.into(),
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"2024-05-01T12:00:00"},"source":{"topic":"t","timestamp":"soon","partition":1}}"#.into(),
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"2024-05-01T12:00:00","level":null},"source":null}"#.into(),
+        ];
+        for payload in &typical {
+            for (key, header) in [(Some(&b"42"[..]), None), (None, Some(&b"Warning"[..]))] {
+                let meta = RecordMeta {
+                    key,
+                    level_header: header,
+                    ..meta(None)
+                };
+                let fast = map_typical(payload.as_bytes(), &meta, &pattern())
+                    .unwrap_or_else(|| panic!("fast path taken: {payload}"));
+                let general = map_any(payload.as_bytes(), &meta, &pattern(), 1 << 20).unwrap();
+                assert_eq!((&fast.index, &fast.id), (&general.index, &general.id));
+                let fast: Value = serde_json::from_slice(&fast.document).unwrap();
+                let general: Value = serde_json::from_slice(&general.document).unwrap();
+                assert_eq!(fast, general, "{payload}");
+            }
+        }
+        // Unusual records leave the fast path (and the general one decides).
+        for payload in [
+            r#"{"service":"lk","action":" ","payload":{"message":"m","timestamp":"t"}}"#,
+            r#"{"service":"lk","action":"a","payload":{"message":"m"}}"#,
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":5}}"#,
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"t","level":3}}"#,
+            r#"{"service":"lk","action":"a","payload":{"message":"m","timestamp":"t"},"source":{"partition":"x"}}"#,
+        ] {
+            assert!(
+                map_typical(payload.as_bytes(), &meta(None), &pattern()).is_none(),
+                "{payload}"
+            );
+        }
     }
 
     #[test]
