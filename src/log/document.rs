@@ -136,17 +136,7 @@ fn map_typical(
             .timestamp_ms
             .and_then(DateTime::<Utc>::from_timestamp_millis)?,
     };
-    let level = input
-        .payload
-        .level
-        .as_deref()
-        .and_then(normalize_level)
-        .or_else(|| {
-            meta.level_header
-                .and_then(|value| std::str::from_utf8(value).ok())
-                .and_then(normalize_level)
-        })
-        .unwrap_or_else(|| DEFAULT_LEVEL.to_string());
+    let level = document_level(input.payload.level.as_deref(), meta);
     let origin = input.source.as_ref().map(|source| {
         let (timestamp, timestamp_raw) = match source.timestamp.as_deref() {
             None => (None, None),
@@ -327,16 +317,7 @@ fn map_any(
         }
     };
 
-    let level = payload_level
-        .as_ref()
-        .and_then(Value::as_str)
-        .and_then(normalize_level)
-        .or_else(|| {
-            meta.level_header
-                .and_then(|value| std::str::from_utf8(value).ok())
-                .and_then(normalize_level)
-        })
-        .unwrap_or_else(|| DEFAULT_LEVEL.to_string());
+    let level = document_level(payload_level.as_ref().and_then(Value::as_str), meta);
 
     let mut kafka = json!({
         "topic": meta.topic,
@@ -405,6 +386,18 @@ fn origin(mut source: Map<String, Value>) -> Map<String, Value> {
         };
     }
     origin
+}
+
+/// The payload's level, else the `level` header's, else the default; normalized.
+fn document_level(payload_level: Option<&str>, meta: &RecordMeta<'_>) -> String {
+    payload_level
+        .and_then(normalize_level)
+        .or_else(|| {
+            meta.level_header
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .and_then(normalize_level)
+        })
+        .unwrap_or_else(|| DEFAULT_LEVEL.to_string())
 }
 
 /// Lowercase and trimmed, so `ERROR` and `error` are one term in Kibana; empty means unset.
