@@ -326,10 +326,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
-            let codecs = crate::dispatch::transform::DispatchCodecs::new(
-                std::sync::Arc::new(settings.codec.clone()),
-                crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
-            );
+            let (formats, schema_registry) = crate::codec::shared(&settings)?;
+            let codecs = crate::dispatch::transform::DispatchCodecs::new(formats, schema_registry);
             let summary = crate::dispatch::run(
                 &settings.kafka,
                 &dispatch,
@@ -368,11 +366,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     input,
                     key_pointer: key_field,
                     raw,
-                    codec: crate::codec::Codec::new(
-                        std::sync::Arc::new(settings.codec.clone()),
-                        crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
+                    codec: crate::codec::Codec::from_settings(
+                        &settings,
                         crate::codec::SchemaName::Envelope,
-                    ),
+                    )?,
                 },
             )
             .await?;
@@ -394,11 +391,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let shutdown = shutdown::install_signal_handlers();
             let started = Instant::now();
             // Records in their topics' formats: `--output-format avro` generates Avro.
-            let codec = crate::codec::Codec::new(
-                std::sync::Arc::new(settings.codec.clone()),
-                crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
-                kind.schema(),
-            );
+            let codec = crate::codec::Codec::from_settings(&settings, kind.schema())?;
             let delivered = generate::run_encoded(
                 &settings.kafka,
                 GenerateOptions {

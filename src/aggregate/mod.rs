@@ -177,16 +177,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let mut config = resolve(&settings.aggregate, &args)?;
-    let codec_settings = std::sync::Arc::new(settings.codec.clone());
-    let registry = crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?;
-    config.codecs = pipeline::AggregateCodecs::new(codec_settings.clone(), registry.clone());
+    let (formats, registry) = crate::codec::shared(settings)?;
+    config.codecs = pipeline::AggregateCodecs::new(formats.clone(), registry.clone());
     let sink = match settings.aggregate.storage_type {
         StorageType::Kafka => sink::Sink::Kafka {
-            codec: crate::codec::Codec::new(
-                codec_settings,
-                registry,
-                crate::codec::SchemaName::Aggregate,
-            ),
+            codec: crate::codec::Codec::new(formats, registry, crate::codec::SchemaName::Aggregate),
             producer: create_client(
                 &settings.kafka,
                 ClientKind::Producer,

@@ -186,7 +186,7 @@ impl Codec {
             label,
             text,
             schema,
-            // Values are built by walking the schema (transcode::json_to_avro), so the writer's
+            // Values are built by walking the schema (transcode::json_bytes_to_avro), so the writer's
             // own validation pass would only repeat that walk.
             datum_writer: Arc::new(
                 GenericDatumWriter::builder(schema)
@@ -209,6 +209,15 @@ impl Codec {
         // Leaked like registry schemas: a few per process (other versions, in tools and tests).
         let schema: &'static Schema = Box::leak(Box::new(Schema::parse_str(text)?));
         Codec::build(settings, registry, label.into(), text.into(), schema)
+    }
+
+    /// The one codec of a tool or stage that needs one: formats and registry from `settings`.
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        schema_name: SchemaName,
+    ) -> Result<Codec, RegistryError> {
+        let (formats, registry) = shared(settings)?;
+        Ok(Codec::new(formats, registry, schema_name))
     }
 
     /// A JSON-only codec (tests, tools that never see Avro).
@@ -235,63 +244,10 @@ impl Codec {
         if self.settings.input_format(topic) == Format::Json {
             return Ok(Cow::Borrowed(bytes));
         }
-        if bytes.len() < HEADER_BYTES {
-            return Err(record_error(
-                "avro_magic",
-                format!(
-                    "record is {} bytes, shorter than the 5-byte Confluent Avro header",
-                    bytes.len()
-                ),
-            ));
-        }
-        if bytes[0] != MAGIC_BYTE {
-            return Err(record_error(
-                "avro_magic",
-                format!(
-                    "first byte is {:#04x}, not the Confluent Avro magic byte 0x00",
-                    bytes[0]
-                ),
-            ));
-        }
-        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-        let registry = self.registry()?;
-        let writer = match registry.cached(id) {
-            Some(schema) => schema,
-            None => registry.schema_by_id(id).await.map_err(|e| match e {
-                RegistryError::UnknownSchemaId(_) => {
-                    record_error("avro_unknown_schema", e.to_string())
-                }
-                RegistryError::InvalidSchema { .. } => {
-                    record_error("avro_unknown_schema", e.to_string())
-                }
-                other => CodecError::Unavailable(other.to_string()),
-            })?,
-        };
+        let (id, body) = split_frame(bytes)?;
+        let writer = writer_schema(self.registry()?, id).await?;
         let plan = self.plan(id, writer)?;
-        let mut body = &bytes[HEADER_BYTES..];
-        let written = plan.datum_reader.read_value(&mut body).map_err(|e| {
-            record_error(
-                "avro_body",
-                format!("body does not match writer schema id {id}: {e}"),
-            )
-        })?;
-        if !body.is_empty() {
-            return Err(record_error(
-                "avro_body",
-                format!(
-                    "{} bytes left after the record of writer schema id {id}",
-                    body.len()
-                ),
-            ));
-        }
-        // apache-avro reads a string cut short by the end of the record as null instead of
-        // failing: a truncated body would pass as a record with missing text.
-        if let Some(path) = transcode::null_in_place_of_value(&written, plan.writer) {
-            return Err(record_error(
-                "avro_body",
-                format!("body is truncated: field `{path}` of writer schema id {id} is cut off"),
-            ));
-        }
+        let written = read_body(&plan.datum_reader, plan.writer, body, id)?;
         let value = match &plan.resolve_to {
             None => written,
             Some(names) => written
@@ -408,25 +364,83 @@ pub async fn decode_with_writer_schema(
     registry: &Registry,
     bytes: &[u8],
 ) -> Result<(u32, serde_json::Value), CodecError> {
-    if bytes.len() < HEADER_BYTES || bytes[0] != MAGIC_BYTE {
-        return Err(record_error("avro_magic", "not Confluent-framed Avro"));
-    }
-    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    let writer = registry
-        .schema_by_id(id)
-        .await
-        .map_err(|e| record_error("avro_unknown_schema", e.to_string()))?;
-    let mut body = &bytes[HEADER_BYTES..];
-    let value = GenericDatumReader::builder(writer)
+    let (id, body) = split_frame(bytes)?;
+    let writer = writer_schema(registry, id).await?;
+    let reader = GenericDatumReader::builder(writer)
         .build()
-        .and_then(|reader| reader.read_value(&mut body))
-        .map_err(|e| record_error("avro_body", e.to_string()))?;
-    if !body.is_empty() || transcode::null_in_place_of_value(&value, writer).is_some() {
-        return Err(record_error("avro_body", "body does not match its schema"));
-    }
+        .map_err(|e| record_error("avro_unknown_schema", e.to_string()))?;
+    let value = read_body(&reader, writer, body, id)?;
     let json = transcode::avro_to_json(&value, writer)
         .map_err(|e| record_error("avro_body", e.to_string()))?;
     Ok((id, json))
+}
+
+/// The schema id and the Avro body of a Confluent-framed record.
+fn split_frame(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(record_error(
+            "avro_magic",
+            format!(
+                "record is {} bytes, shorter than the 5-byte Confluent Avro header",
+                bytes.len()
+            ),
+        ));
+    }
+    if bytes[0] != MAGIC_BYTE {
+        return Err(record_error(
+            "avro_magic",
+            format!(
+                "first byte is {:#04x}, not the Confluent Avro magic byte 0x00",
+                bytes[0]
+            ),
+        ));
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    Ok((id, &bytes[HEADER_BYTES..]))
+}
+
+/// The writer schema of `id`: unknown or unusable ids are the record's fault, anything else
+/// the registry's.
+async fn writer_schema(registry: &Registry, id: u32) -> Result<&'static Schema, CodecError> {
+    registry.schema_by_id(id).await.map_err(|e| match e {
+        RegistryError::UnknownSchemaId(_) | RegistryError::InvalidSchema { .. } => {
+            record_error("avro_unknown_schema", e.to_string())
+        }
+        other => CodecError::Unavailable(other.to_string()),
+    })
+}
+
+/// Reads one body with its writer's schema: all of it, and nothing cut off.
+fn read_body(
+    reader: &GenericDatumReader<'_>,
+    writer: &Schema,
+    mut body: &[u8],
+    id: u32,
+) -> Result<apache_avro::types::Value, CodecError> {
+    let written = reader.read_value(&mut body).map_err(|e| {
+        record_error(
+            "avro_body",
+            format!("body does not match writer schema id {id}: {e}"),
+        )
+    })?;
+    if !body.is_empty() {
+        return Err(record_error(
+            "avro_body",
+            format!(
+                "{} bytes left after the record of writer schema id {id}",
+                body.len()
+            ),
+        ));
+    }
+    // apache-avro reads a string cut short by the end of the record as null instead of
+    // failing: a truncated body would pass as a record with missing text.
+    if let Some(path) = transcode::null_in_place_of_value(&written, writer) {
+        return Err(record_error(
+            "avro_body",
+            format!("body is truncated: field `{path}` of writer schema id {id} is cut off"),
+        ));
+    }
+    Ok(written)
 }
 
 /// Describes the codec's metric and starts it at zero for `stage`, so dashboards and alerts see
@@ -473,16 +487,16 @@ where
     }
 }
 
-/// The shared registry client, if any topic is Avro.
-pub fn registry_for(
-    settings: &CodecSettings,
-    url: &url::Url,
-) -> Result<Option<Arc<Registry>>, RegistryError> {
-    if settings.uses_avro() {
-        Ok(Some(Arc::new(Registry::new(url)?)))
-    } else {
-        Ok(None)
-    }
+/// A stage's formats and its registry client (if any topic is Avro), shared by its codecs so
+/// they share the schema cache.
+pub fn shared(
+    settings: &crate::config::Settings,
+) -> Result<(Arc<CodecSettings>, Option<Arc<Registry>>), RegistryError> {
+    let registry = match settings.codec.uses_avro() {
+        true => Some(Arc::new(Registry::new(&settings.schema_registry_url)?)),
+        false => None,
+    };
+    Ok((Arc::new(settings.codec.clone()), registry))
 }
 
 #[cfg(test)]

@@ -244,14 +244,10 @@ fn find_null(value: &Avro, schema: &Schema, path: &Path<'_>) -> Option<String> {
     }
 }
 
-/// A JSON value as an Avro value of `schema` (the writer's); a field absent from the JSON takes
-/// the schema's default, or is an error naming it.
-pub fn json_to_avro(value: &Json, schema: &Schema) -> Result<Avro, TranscodeError> {
-    json_bytes_to_avro(value.to_string().as_bytes(), schema)
-}
-
-/// `json_to_avro` from JSON text, parsed lazily as the schema is walked: no JSON tree is built,
-/// and embedded JSON text (`"eventpipe.format": "json"`) is taken exactly as written.
+/// JSON text as an Avro value of `schema` (the writer's), parsed lazily as the schema is
+/// walked: no JSON tree is built, and embedded JSON text (`"eventpipe.format": "json"`) is taken
+/// exactly as written. A field absent from the JSON takes the schema's default, or is an error
+/// naming it.
 pub fn json_bytes_to_avro(json: &[u8], schema: &Schema) -> Result<Avro, TranscodeError> {
     let raw: &RawValue =
         serde_json::from_slice(json).map_err(|e| error(&Path::Root, format!("not JSON: {e}")))?;
@@ -417,6 +413,10 @@ mod tests {
     use super::*;
     use crate::codec::schemas::SchemaName;
     use serde_json::json;
+
+    fn json_to_avro(value: &Json, schema: &Schema) -> Result<Avro, TranscodeError> {
+        json_bytes_to_avro(value.to_string().as_bytes(), schema)
+    }
 
     fn round_trip(schema: SchemaName, value: Json) -> Json {
         let schema = schema.parse();

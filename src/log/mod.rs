@@ -13,8 +13,6 @@ pub mod template;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
-
 use crate::codec::{Codec, SchemaName};
 use crate::config::Settings;
 use crate::telemetry::Readiness;
@@ -43,11 +41,7 @@ pub async fn run(
     }
     readiness.set("elasticsearch", true);
     ::metrics::gauge!("eventpipe_log_elasticsearch_up").set(1.0);
-    let codec = Codec::new(
-        Arc::new(settings.codec.clone()),
-        crate::codec::registry_for(&settings.codec, &settings.schema_registry_url)?,
-        SchemaName::Event,
-    );
+    let codec = Codec::from_settings(settings, SchemaName::Event)?;
     pipeline::run(&settings.kafka, &log, client, codec, readiness, shutdown)
         .await
         .context("log stage")
