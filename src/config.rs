@@ -305,12 +305,7 @@ pub struct DispatchSettings {
     pub transactional_id: String,
 }
 
-/// Explicit topics, or a regular expression matched against all topics.
-#[derive(Debug, Clone, PartialEq)]
-pub enum InputTopics {
-    Names(Vec<String>),
-    Pattern(String),
-}
+pub use crate::stage::InputTopics;
 
 /// Flags of `eventpipe dispatch`; each falls back to its environment variable, then the file.
 #[derive(Debug, Default, Clone, Args)]
@@ -457,6 +452,20 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
     pub connect_timeout: Duration,
 }
+
+impl KafkaSettings {
+    /// The largest record a producer sends: librdkafka's `message.max.bytes` (user property or
+    /// its default). Outputs above it dead-letter their input instead of failing the stage.
+    pub fn max_record_bytes(&self) -> usize {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+    }
+}
+
+/// librdkafka's default `message.max.bytes`.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 impl KafkaSettings {
     /// Properties with secrets masked, for logs.

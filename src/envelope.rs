@@ -9,7 +9,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Records larger than this are refused before parsing (a runaway producer must not cost memory).
-pub const DEFAULT_MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
+/// Below librdkafka's `message.max.bytes` (1,000,000) with room for what the dispatcher adds
+/// (the `source` block, headers), so an accepted envelope's outputs fit what the producer sends.
+pub const DEFAULT_MAX_ENVELOPE_BYTES: usize = 900 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {

@@ -6,7 +6,6 @@ pub mod bench; // `eventpipe bench`: workloads next to same-run baselines, table
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod codec; // record formats per topic: json or Avro (Confluent framing) via the schema registry
 pub mod config; // typed settings: flags > environment > config file > defaults
-pub mod dead_letter; // dead-letter records: original bytes plus headers saying why and from where
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
@@ -14,6 +13,7 @@ pub mod kafka; // librdkafka client configuration, admin helpers, delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
+pub mod stage; // the stage runtime: one consume → handle → acknowledge → commit → dead-letter loop
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group
 pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint
 pub mod topics; // topic definitions under topics/ and the plan that applies them

@@ -130,7 +130,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let mut text = handle.render();
-                text.push_str(&crate::kafka::offsets::render_lag());
+                text.push_str(&crate::stage::lag::render());
                 std::future::ready(text)
             }),
         )

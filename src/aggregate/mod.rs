@@ -141,7 +141,7 @@ pub fn resolve(
     let ms = |arg: Option<u64>, file: Option<u64>, default: u64| arg.or(file).unwrap_or(default);
     Ok(PipelineConfig {
         codecs: pipeline::AggregateCodecs::json(),
-        dead_letter_topic: crate::dead_letter::dead_letter_topic(
+        dead_letter_topic: crate::stage::dead_letter::dead_letter_topic(
             &input_topic,
             crate::topics::DEAD_LETTER_SUFFIX,
         ),

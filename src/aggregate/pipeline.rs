@@ -1,48 +1,41 @@
-//! The aggregator's I/O loop: consume events, feed the window engine, write closed windows to
-//! the sink, dead-letter bad input, and commit each partition's checkpoint (offset + horizon).
+//! The aggregator's logic on the stage runtime: feed events to the window engine, write closed
+//! windows to the sink, dead-letter bad input; the runtime commits each partition's checkpoint.
 //!
-//! Offsets are committed by hand (not auto-commit) because each commit carries the partition's
-//! horizon as commit metadata: the next owner of the partition restores it, so its replay
-//! accepts and rejects exactly the events this instance did (see `window`).
+//! Each commit carries the partition's horizon as commit metadata (the runtime's `Checkpoint`
+//! policy): the next owner of the partition restores it, so its replay accepts and rejects
+//! exactly the events this instance did (see `window`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::event::Event;
 use super::sink::{Sink, SinkError};
 use super::window::{Checkpoint, Engine, EngineConfig, Outcome};
-use crate::codec::{until_available, Codec, CodecSettings, RecordError, Registry, SchemaName};
+use crate::codec::{available, until_available, Codec, CodecSettings, Registry, SchemaName};
 use crate::config::KafkaSettings;
-use crate::dead_letter::{self, SourcePosition};
-use crate::kafka::ack::PartitionId;
-use crate::kafka::client::{client_config, create_client, require_topics, wait_for_broker};
-use crate::kafka::delivery::BoundedSender;
+use crate::kafka::client::create_client;
 use crate::kafka::{ClientKind, KafkaError, PipelineContext};
+use crate::stage::{
+    self, DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy, PartitionHooks,
+    PartitionId, Record, Stage, StageError, StageSpec,
+};
 use crate::telemetry::Readiness;
 
 /// How often closed windows are written: the emission latency floor, and the sink batch size.
+/// Checkpoints are committed on the same tick.
 const EMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// How often checkpoints are committed: the most a crash makes the next owner re-read.
-const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
-/// Bound on fetching committed offsets while partitions are being assigned.
-const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
-/// Dead letters awaiting their delivery report at once.
-const DEAD_LETTER_MAX_IN_FLIGHT: usize = 10_000;
 /// The longest wait between two attempts to write to a failing sink.
 const MAX_SINK_BACKOFF: Duration = Duration::from_secs(5);
+const FIRST_SINK_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a graceful stop waits for dead letters in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commit metadata carrying the partition's horizon (event-time ms).
 const HORIZON_METADATA_PREFIX: &str = "eventpipe.aggregate.horizon_ms=";
-
 /// Everything the loop needs besides the Kafka connection and the sink.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -86,11 +79,9 @@ pub enum AggregateError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
-    Sink(#[from] SinkError),
-    #[error("stopped to avoid losing data: dead letter not delivered: {0}")]
-    DeadLetterLost(KafkaError),
+    Stage(#[from] StageError),
     #[error("encoding output: {0}")]
-    Codec(RecordError),
+    Codec(crate::codec::RecordError),
 }
 
 /// What a run did, for the caller's summary line.
@@ -108,104 +99,58 @@ fn lock(engine: &SharedEngine) -> MutexGuard<'_, Engine> {
     engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn partition_id(topic: &str, partition: i32) -> PartitionId {
-    PartitionId {
-        topic: topic.into(),
-        partition,
+fn metadata(checkpoint: Checkpoint) -> stage::Checkpoint {
+    stage::Checkpoint {
+        next_offset: checkpoint.next_offset,
+        metadata: (checkpoint.horizon_ms > i64::MIN)
+            .then(|| format!("{HORIZON_METADATA_PREFIX}{}", checkpoint.horizon_ms)),
     }
-}
-
-/// Adds checkpoints to a commit list, each with its horizon as metadata.
-fn commit_list(checkpoints: &[(PartitionId, Checkpoint)]) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for (id, checkpoint) in checkpoints {
-        let mut element = list.add_partition(&id.topic, id.partition);
-        let _ = element.set_offset(Offset::Offset(checkpoint.next_offset));
-        if checkpoint.horizon_ms > i64::MIN {
-            element.set_metadata(format!(
-                "{HORIZON_METADATA_PREFIX}{}",
-                checkpoint.horizon_ms
-            ));
-        }
-    }
-    list
 }
 
 fn parse_horizon(metadata: &str) -> Option<i64> {
     metadata.strip_prefix(HORIZON_METADATA_PREFIX)?.parse().ok()
 }
 
-/// Consumer context: on revocation commits and drops the partitions' windows (the next owner
-/// rebuilds them from the checkpoint); on assignment restores each partition's horizon.
-struct AggregateContext {
-    log: PipelineContext,
+/// On assignment restores each partition's horizon from its commit metadata; on revocation
+/// hands its final checkpoint to the runtime and drops its windows (the next owner rebuilds
+/// them from the checkpoint).
+struct AggregateHooks {
     engine: SharedEngine,
 }
 
-crate::kafka::client::logging_client_context!(
-    AggregateContext,
-    lag = "eventpipe_aggregate_consumer_lag_messages"
-);
+impl PartitionHooks for AggregateHooks {
+    fn assigned(&self, partition: &PartitionId, committed_metadata: Option<&str>) {
+        let horizon = committed_metadata.and_then(parse_horizon);
+        tracing::info!(topic = %partition.topic, partition = partition.partition, horizon_ms = ?horizon, "partition assigned");
+        lock(&self.engine).assign(partition.clone(), horizon);
+    }
 
-impl ConsumerContext for AggregateContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(partitions) => {
-                let checkpoints: Vec<_> = {
-                    let mut engine = lock(&self.engine);
-                    partitions
-                        .elements()
-                        .iter()
-                        .filter_map(|e| {
-                            let id = partition_id(e.topic(), e.partition());
-                            Some((id.clone(), engine.revoke(&id)?))
-                        })
-                        .collect()
-                };
-                tracing::info!(
-                    partitions = partitions.count(),
-                    "partitions revoked; committing checkpoints and dropping their windows"
-                );
-                if !checkpoints.is_empty() {
-                    if let Err(error) =
-                        consumer.commit(&commit_list(&checkpoints), CommitMode::Sync)
-                    {
-                        tracing::warn!(%error, "commit on revocation failed; the next owner re-reads from the previous checkpoint");
-                    }
-                }
-            }
-            // Before librdkafka starts fetching, so no message can arrive for a partition
-            // whose horizon is not restored yet.
-            Rebalance::Assign(partitions) => {
-                let committed = consumer
-                    .committed_offsets((*partitions).clone(), COMMITTED_TIMEOUT)
-                    .map_err(|error| tracing::warn!(%error, "cannot read committed horizons; starting without them"))
-                    .ok();
-                let mut engine = lock(&self.engine);
-                for element in partitions.elements() {
-                    let horizon = committed.as_ref().and_then(|c| {
-                        c.find_partition(element.topic(), element.partition())
-                            .and_then(|e| parse_horizon(e.metadata()))
-                    });
-                    tracing::info!(
-                        topic = element.topic(),
-                        partition = element.partition(),
-                        horizon_ms = ?horizon,
-                        "partition assigned"
-                    );
-                    engine.assign(partition_id(element.topic(), element.partition()), horizon);
-                }
-            }
-            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
-        }
+    fn revoked(&self, partition: &PartitionId) -> Option<stage::Checkpoint> {
+        lock(&self.engine).revoke(partition).map(metadata)
     }
 }
 
-/// Running totals, also published as JSON to the metrics topic.
-#[derive(Default)]
-struct Totals {
-    summary: AggregateSummary,
-    processing: Duration,
+/// The aggregator as the runtime sees it.
+pub fn stage_spec(kafka: &KafkaSettings, config: &PipelineConfig, sink: &Sink) -> StageSpec {
+    let mut required = vec![
+        config.input_topic.clone(),
+        config.dead_letter_topic.clone(),
+        config.metrics_topic.clone(),
+    ];
+    if let Sink::Kafka { topic, .. } = sink {
+        required.push(topic.clone());
+    }
+    StageSpec {
+        name: "aggregate",
+        inputs: InputTopics::Names(vec![config.input_topic.clone()]),
+        group_id: config.group_id.clone(),
+        required_topics: required,
+        dead_letters: DeadLetterTopic::Topic(config.dead_letter_topic.clone()),
+        policy: OffsetPolicy::Checkpoint,
+        drain_timeout: DRAIN_TIMEOUT,
+        tick: EMIT_INTERVAL,
+        max_record_bytes: kafka.max_record_bytes(),
+    }
 }
 
 /// Runs the aggregator until `shutdown` is cancelled or an output cannot be written.
@@ -216,19 +161,6 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<AggregateSummary, AggregateError> {
-    let log = PipelineContext::default();
-    let producer: FutureProducer<PipelineContext> =
-        create_client(kafka, ClientKind::Producer, log.clone())?;
-    let metadata = wait_for_broker(producer.client(), &log, kafka)?;
-    let mut required = vec![
-        config.input_topic.as_str(),
-        config.dead_letter_topic.as_str(),
-        config.metrics_topic.as_str(),
-    ];
-    if let Sink::Kafka { topic, .. } = &sink {
-        required.push(topic);
-    }
-    require_topics(&metadata, &required, kafka)?;
     // Missing writer-schema registrations show at start-up, not at the first window.
     let mut outputs = vec![(config.codecs.metrics.clone(), config.metrics_topic.clone())];
     if let Sink::Kafka { topic, codec, .. } = &sink {
@@ -242,303 +174,222 @@ pub async fn run(
             None => return Ok(AggregateSummary::default()),
         }
     }
-
-    let engine: SharedEngine = Arc::new(Mutex::new(Engine::new(config.engine.clone())));
-    let mut consumer_config = client_config(kafka, ClientKind::Consumer);
-    consumer_config
-        .set("group.id", &config.group_id)
-        // Commits carry metadata and must wait for the sink: the loop commits by hand.
-        .set("enable.auto.commit", "false");
-    if consumer_config.get("statistics.interval.ms").is_none() {
-        consumer_config.set("statistics.interval.ms", "5000");
-    }
     super::metrics::describe();
     crate::codec::describe_metrics("aggregate");
-    let consumer: StreamConsumer<AggregateContext> = consumer_config
-        .create_with_context(AggregateContext {
-            log: log.clone(),
-            engine: engine.clone(),
-        })
-        .map_err(KafkaError::Client)?;
-    consumer
-        .subscribe(&[config.input_topic.as_str()])
-        .map_err(KafkaError::Client)?;
-    readiness.register("kafka");
-    readiness.set("kafka", true);
-    tracing::info!(input = %config.input_topic, group_id = %config.group_id, engine = ?config.engine, "aggregating");
-
-    let mut totals = Totals::default();
-    let mut dead_letters = BoundedSender::new(&producer, DEAD_LETTER_MAX_IN_FLIGHT);
-    let mut committed: Vec<(PartitionId, Checkpoint)> = Vec::new();
-    let mut emit_tick = tokio::time::interval(EMIT_INTERVAL);
-    let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
-    let mut metrics_tick = tokio::time::interval(config.metrics_interval);
-    for tick in [&mut emit_tick, &mut commit_tick, &mut metrics_tick] {
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
-
-    let outcome: Result<(), AggregateError> = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = emit_tick.tick() => {
-                if let Err(error) = flush(&engine, &sink, &mut dead_letters, &producer, &mut totals, &shutdown).await {
-                    break Err(error);
-                }
-            }
-            _ = commit_tick.tick() => commit(&consumer, &engine, &mut committed, CommitMode::Async),
-            _ = metrics_tick.tick() => publish_metrics(&producer, config, &mut totals).await,
-            received = consumer.recv() => {
-                match received {
-                    Ok(message) => {
-                        match process(&message, &engine, &mut dead_letters, config, &mut totals, &shutdown).await {
-                            Ok(true) => {}
-                            // Shutdown while waiting for the registry: the message stays unread.
-                            Ok(false) => break Ok(()),
-                            Err(error) => break Err(error),
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "consumer error"),
-                }
-            }
+    let producer: FutureProducer<PipelineContext> =
+        create_client(kafka, ClientKind::Producer, PipelineContext::default())?;
+    let engine: SharedEngine = Arc::new(Mutex::new(Engine::new(config.engine.clone())));
+    tracing::info!(input = %config.input_topic, engine = ?config.engine, "aggregating");
+    let spec = stage_spec(kafka, config, &sink);
+    let hooks = Arc::new(AggregateHooks {
+        engine: engine.clone(),
+    });
+    let stage = stage::run(kafka, spec, hooks, readiness, shutdown, |_| {
+        AggregateStage {
+            engine,
+            sink,
+            config: config.clone(),
+            producer,
+            totals: Totals::default(),
+            unwritten: Vec::new(),
+            sink_backoff: FIRST_SINK_BACKOFF,
+            next_sink_attempt: None,
+            last_metrics: Instant::now(),
         }
-    };
-
-    // Graceful stop: write what is closed, then commit. Open windows are not emitted: the next
-    // owner rebuilds them from the committed checkpoint.
-    let outcome = match outcome {
-        Ok(()) => {
-            flush(
-                &engine,
-                &sink,
-                &mut dead_letters,
-                &producer,
-                &mut totals,
-                // Already cancelled: one attempt; what fails is re-read after the restart.
-                &shutdown,
-            )
-            .await
-        }
-        Err(error) => Err(error),
-    };
-    if outcome.is_ok() {
-        // An earlier asynchronous commit may have failed after being accepted: commit all.
-        committed.clear();
-        commit(&consumer, &engine, &mut committed, CommitMode::Sync);
-    }
-    readiness.set("kafka", false);
-    let summary = totals.summary.clone();
+    })
+    .await?;
+    let summary = stage.totals.summary.clone();
     tracing::info!(
         aggregated = summary.aggregated,
         failed = summary.failed,
         emitted = summary.emitted,
-        open_windows = lock(&engine).open_windows(),
+        open_windows = lock(&stage.engine).open_windows(),
         "aggregator stopped"
     );
-    outcome.map(|()| summary)
+    Ok(summary)
 }
 
-/// Decodes one message and applies it, or dead-letters it; `false` when shutdown came while
-/// waiting for the schema registry (the message was not taken).
-async fn process(
-    message: &BorrowedMessage<'_>,
-    engine: &SharedEngine,
-    dead_letters: &mut BoundedSender<'_>,
-    config: &PipelineConfig,
-    totals: &mut Totals,
-    shutdown: &CancellationToken,
-) -> Result<bool, AggregateError> {
-    let original = message.payload().unwrap_or_default();
-    let Some(decoded) = until_available("aggregate", shutdown, || {
-        config.codecs.input.decode(message.topic(), original)
-    })
-    .await
-    else {
-        return Ok(false);
-    };
-    let started = Instant::now();
-    let id = partition_id(message.topic(), message.partition());
-    let offset = message.offset();
-    let event = decoded
-        .map_err(|e| (e.kind, e.reason))
-        .and_then(|json| Event::decode(&json).map_err(|e| (e.kind(), e.to_string())))
-        .map(|event| Event {
-            record_ms: message.timestamp().to_millis(),
-            ..event
-        });
-    let rejection = match event {
-        Ok(event) => {
-            let outcome = lock(engine).apply(&id, offset, &event, started);
-            match outcome {
-                Outcome::Accepted { late } => {
-                    totals.summary.aggregated += 1;
-                    metrics::counter!("eventpipe_aggregate_aggregated_events_total").increment(1);
-                    if late {
-                        metrics::counter!("eventpipe_aggregate_late_events_total", "outcome" => "accepted").increment(1);
+/// Running totals, also published as JSON to the metrics topic.
+#[derive(Default)]
+struct Totals {
+    summary: AggregateSummary,
+    processing: Duration,
+}
+
+struct AggregateStage {
+    engine: SharedEngine,
+    sink: Sink,
+    config: PipelineConfig,
+    /// For the metrics records (fire and forget).
+    producer: FutureProducer<PipelineContext>,
+    totals: Totals,
+    /// Closed windows taken from the engine that the sink has not accepted yet.
+    unwritten: Vec<super::window::Emission>,
+    sink_backoff: Duration,
+    /// Set while the sink is failing: when to try again.
+    next_sink_attempt: Option<Instant>,
+    last_metrics: Instant,
+}
+
+impl Stage for AggregateStage {
+    async fn handle(&mut self, record: &Record<'_>) -> Result<Handled, StageError> {
+        // A failing sink stops consumption (the runtime pauses the partitions and keeps
+        // polling); the windows are retried on the tick; nothing is skipped.
+        if self.next_sink_attempt.is_some() {
+            return Err(StageError::Unavailable {
+                dependency: self.sink.name(),
+                reason: "writing aggregates failed; retrying".into(),
+            });
+        }
+        let decoded = available(
+            "aggregate",
+            self.config
+                .codecs
+                .input
+                .decode(record.topic, record.payload)
+                .await,
+        )?;
+        let started = Instant::now();
+        let id = record.partition_id();
+        let event = decoded
+            .map_err(|e| (e.kind, e.reason))
+            .and_then(|json| Event::decode(&json).map_err(|e| (e.kind(), e.to_string())))
+            .map(|event| Event {
+                record_ms: record.timestamp_ms,
+                ..event
+            });
+        let rejection = match event {
+            Ok(event) => {
+                let outcome = lock(&self.engine).apply(&id, record.offset, &event, started);
+                match outcome {
+                    Outcome::Accepted { late } => {
+                        self.totals.summary.aggregated += 1;
+                        metrics::counter!("eventpipe_aggregate_aggregated_events_total")
+                            .increment(1);
+                        if late {
+                            metrics::counter!("eventpipe_aggregate_late_events_total", "outcome" => "accepted").increment(1);
+                        }
+                        None
                     }
-                    None
-                }
-                Outcome::TooLate => {
-                    metrics::counter!("eventpipe_aggregate_late_events_total", "outcome" => "dead_lettered").increment(1);
-                    Some((
-                        "late_event",
-                        format!(
-                            "event time {} is older than the watermark minus the grace for all its windows",
-                            event.time_ms
-                        ),
-                    ))
-                }
-                Outcome::Unassigned => {
-                    tracing::debug!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset,
-                        "message of an unassigned partition ignored"
-                    );
-                    None
+                    Outcome::TooLate => {
+                        metrics::counter!("eventpipe_aggregate_late_events_total", "outcome" => "dead_lettered").increment(1);
+                        Some((
+                            "late_event",
+                            format!(
+                                "event time {} is older than the watermark minus the grace for all its windows",
+                                event.time_ms
+                            ),
+                        ))
+                    }
+                    Outcome::Unassigned => {
+                        tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset, "record of an unassigned partition ignored");
+                        None
+                    }
                 }
             }
-        }
-        Err(rejected) => Some(rejected),
-    };
-    if let Some((kind, reason)) = rejection {
-        totals.summary.failed += 1;
-        metrics::counter!("eventpipe_aggregate_failed_events_total", "reason" => kind).increment(1);
-        tracing::debug!(kind, %reason, topic = message.topic(), partition = message.partition(), offset, "dead-lettering");
-        {
-            let mut engine = lock(engine);
-            engine.skip(&id, offset);
-            engine.hold(&id, offset);
-        }
-        send_dead_letter(message, kind, &reason, dead_letters, config).await?;
-    }
-    let elapsed = started.elapsed();
-    totals.processing += elapsed;
-    metrics::histogram!("eventpipe_aggregate_processing_seconds").record(elapsed.as_secs_f64());
-    Ok(true)
-}
-
-async fn send_dead_letter(
-    message: &BorrowedMessage<'_>,
-    kind: &str,
-    reason: &str,
-    dead_letters: &mut BoundedSender<'_>,
-    config: &PipelineConfig,
-) -> Result<(), AggregateError> {
-    let source = SourcePosition {
-        topic: message.topic(),
-        partition: message.partition(),
-        offset: message.offset(),
-        timestamp_ms: message.timestamp().to_millis(),
-    };
-    let added = dead_letter::headers("aggregate", kind, reason, &source);
-    let mut headers = OwnedHeaders::new();
-    if let Some(original) = message.headers() {
-        for header in original.iter() {
-            headers = headers.insert(header);
-        }
-    }
-    for (key, value) in &added {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
-    }
-    let mut record = FutureRecord::to(&config.dead_letter_topic)
-        .payload(message.payload().unwrap_or_default())
-        .headers(headers);
-    if let Some(key) = message.key() {
-        record = record.key(key);
-    }
-    dead_letters
-        .send(record)
-        .await
-        .map_err(AggregateError::DeadLetterLost)
-}
-
-/// Settles dead letters, then writes every changed closed window and acknowledges it.
-async fn flush<'p>(
-    engine: &SharedEngine,
-    sink: &Sink,
-    dead_letters: &mut BoundedSender<'p>,
-    producer: &'p FutureProducer<PipelineContext>,
-    totals: &mut Totals,
-    shutdown: &CancellationToken,
-) -> Result<(), AggregateError> {
-    let settled = std::mem::replace(
-        dead_letters,
-        BoundedSender::new(producer, DEAD_LETTER_MAX_IN_FLIGHT),
-    );
-    settled
-        .finish()
-        .await
-        .map_err(AggregateError::DeadLetterLost)?;
-    lock(engine).release_held();
-
-    let emissions = lock(engine).take_emissions(Instant::now());
-    if !emissions.is_empty() {
-        let mut backoff = Duration::from_millis(100);
-        // A failing sink stops consumption (backpressure) and is retried; nothing is skipped.
-        while let Err(error) = sink.write(&emissions).await {
-            if shutdown.is_cancelled() {
-                return Err(error.into());
+            Err(rejected) => Some(rejected),
+        };
+        let handled = match rejection {
+            Some((kind, reason)) => {
+                self.totals.summary.failed += 1;
+                metrics::counter!("eventpipe_aggregate_failed_events_total", "reason" => kind)
+                    .increment(1);
+                tracing::debug!(kind, %reason, topic = %record.topic, partition = record.partition, offset = record.offset, "dead-lettering");
+                // The runtime holds the checkpoint below this offset until its dead letter is in.
+                lock(&self.engine).skip(&id, record.offset);
+                Handled::DeadLetter(DeadLetter::new(kind, reason))
             }
-            tracing::warn!(%error, retry_in = ?backoff, "writing aggregates failed; retrying");
-            metrics::counter!("eventpipe_aggregate_sink_retries_total").increment(1);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => return Err(error.into()),
-            }
-            backoff = (backoff * 2).min(MAX_SINK_BACKOFF);
-        }
-        totals.summary.emitted += emissions.len() as u64;
-        // End to end: from the newest contributing record's timestamp to the sink's acknowledgement.
-        let acknowledged_ms = chrono::Utc::now().timestamp_millis();
-        let end_to_end = metrics::histogram!("eventpipe_aggregate_end_to_end_seconds");
-        for newest in emissions.iter().filter_map(|e| e.newest_record_ms) {
-            end_to_end.record((acknowledged_ms - newest).max(0) as f64 / 1000.0);
-        }
-        metrics::counter!("eventpipe_aggregate_emitted_windows_total")
-            .increment(emissions.len() as u64);
+            None => Handled::Done,
+        };
+        let elapsed = started.elapsed();
+        self.totals.processing += elapsed;
+        metrics::histogram!("eventpipe_aggregate_processing_seconds").record(elapsed.as_secs_f64());
+        Ok(handled)
     }
-    let engine = {
-        let mut engine = lock(engine);
-        engine.acknowledge(&emissions);
-        (
-            engine.open_windows(),
-            engine.evicted_windows(),
-            engine.min_watermark_ms(),
-        )
-    };
-    let (open, evicted, watermark) = engine;
-    metrics::gauge!("eventpipe_aggregate_open_windows").set(open as f64);
-    metrics::counter!("eventpipe_aggregate_evicted_windows_total").absolute(evicted);
-    if let Some(watermark) = watermark {
-        let lag = (Utc::now().timestamp_millis() - watermark).max(0) as f64 / 1000.0;
-        metrics::gauge!("eventpipe_aggregate_watermark_lag_seconds").set(lag);
+
+    async fn tick(&mut self) -> Result<(), StageError> {
+        self.flush().await;
+        if self.last_metrics.elapsed() >= self.config.metrics_interval {
+            self.last_metrics = Instant::now();
+            publish_metrics(&self.producer, &self.config, &mut self.totals).await;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Graceful stop: write what is closed (one attempt). Open windows are not emitted: the
+    /// next owner rebuilds them from the committed checkpoint.
+    async fn finish(&mut self, _deadline: tokio::time::Instant) -> Result<(), StageError> {
+        self.next_sink_attempt = None;
+        self.flush().await;
+        match self.next_sink_attempt {
+            Some(_) => Err(StageError::Fatal(
+                "closed windows not written at shutdown; they are re-read after the restart".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn checkpoints(&self) -> Vec<(PartitionId, stage::Checkpoint)> {
+        lock(&self.engine)
+            .checkpoints()
+            .into_iter()
+            .map(|(id, checkpoint)| (id, metadata(checkpoint)))
+            .collect()
+    }
 }
 
-/// Commits checkpoints that changed since the last commit.
-fn commit(
-    consumer: &StreamConsumer<AggregateContext>,
-    engine: &SharedEngine,
-    committed: &mut Vec<(PartitionId, Checkpoint)>,
-    mode: CommitMode,
-) {
-    let checkpoints = lock(engine).checkpoints();
-    let changed: Vec<_> = checkpoints
-        .iter()
-        .filter(|c| !committed.contains(c))
-        .cloned()
-        .collect();
-    if changed.is_empty() {
-        return;
+impl AggregateStage {
+    /// Writes every changed closed window and acknowledges it; a failure is retried on a later
+    /// tick, with backoff, while `handle` holds new records back.
+    async fn flush(&mut self) {
+        if self.next_sink_attempt.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        if self.unwritten.is_empty() {
+            self.unwritten = lock(&self.engine).take_emissions(Instant::now());
+        }
+        if !self.unwritten.is_empty() {
+            if let Err(error) = self.sink.write(&self.unwritten).await {
+                self.sink_failed(error);
+                return;
+            }
+            let emissions = std::mem::take(&mut self.unwritten);
+            self.totals.summary.emitted += emissions.len() as u64;
+            // End to end: from the newest contributing record's timestamp to the sink's acknowledgement.
+            let acknowledged_ms = chrono::Utc::now().timestamp_millis();
+            let end_to_end = metrics::histogram!("eventpipe_aggregate_end_to_end_seconds");
+            for newest in emissions.iter().filter_map(|e| e.newest_record_ms) {
+                end_to_end.record((acknowledged_ms - newest).max(0) as f64 / 1000.0);
+            }
+            metrics::counter!("eventpipe_aggregate_emitted_windows_total")
+                .increment(emissions.len() as u64);
+            lock(&self.engine).acknowledge(&emissions);
+        }
+        if self.next_sink_attempt.take().is_some() {
+            tracing::info!(sink = self.sink.name(), "aggregates written again");
+        }
+        self.sink_backoff = FIRST_SINK_BACKOFF;
+        let (open, evicted, watermark) = {
+            let engine = lock(&self.engine);
+            (
+                engine.open_windows(),
+                engine.evicted_windows(),
+                engine.min_watermark_ms(),
+            )
+        };
+        metrics::gauge!("eventpipe_aggregate_open_windows").set(open as f64);
+        metrics::counter!("eventpipe_aggregate_evicted_windows_total").absolute(evicted);
+        if let Some(watermark) = watermark {
+            let lag = (Utc::now().timestamp_millis() - watermark).max(0) as f64 / 1000.0;
+            metrics::gauge!("eventpipe_aggregate_watermark_lag_seconds").set(lag);
+        }
     }
-    match consumer.commit(&commit_list(&changed), mode) {
-        Ok(()) => *committed = checkpoints,
-        Err(error) => tracing::warn!(%error, "commit failed; retrying on the next tick"),
+
+    fn sink_failed(&mut self, error: SinkError) {
+        tracing::warn!(%error, retry_in = ?self.sink_backoff, "writing aggregates failed; retrying");
+        metrics::counter!("eventpipe_aggregate_sink_retries_total").increment(1);
+        self.next_sink_attempt = Some(Instant::now() + self.sink_backoff);
+        self.sink_backoff = (self.sink_backoff * 2).min(MAX_SINK_BACKOFF);
     }
 }
 
@@ -586,29 +437,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpoints_round_trip_through_commit_metadata() {
-        let checkpoints = vec![
-            (
-                partition_id("events_in", 0),
-                Checkpoint {
-                    next_offset: 42,
-                    horizon_ms: 1_714_564_800_000,
-                },
-            ),
-            (
-                partition_id("events_in", 1),
-                Checkpoint {
-                    next_offset: 7,
-                    horizon_ms: i64::MIN,
-                },
-            ),
-        ];
-        let list = commit_list(&checkpoints);
-        let first = list.find_partition("events_in", 0).unwrap();
-        assert_eq!(first.offset(), Offset::Offset(42));
-        assert_eq!(parse_horizon(first.metadata()), Some(1_714_564_800_000));
-        let second = list.find_partition("events_in", 1).unwrap();
-        assert_eq!(parse_horizon(second.metadata()), None, "no horizon yet");
+    fn horizons_round_trip_through_commit_metadata() {
+        let with = metadata(Checkpoint {
+            next_offset: 42,
+            horizon_ms: 1_714_564_800_000,
+        });
+        assert_eq!(with.next_offset, 42);
+        assert_eq!(
+            with.metadata.as_deref().and_then(parse_horizon),
+            Some(1_714_564_800_000)
+        );
+        let without = metadata(Checkpoint {
+            next_offset: 7,
+            horizon_ms: i64::MIN,
+        });
+        assert_eq!(without.metadata, None, "no horizon yet");
         assert_eq!(parse_horizon("written by another tool"), None);
     }
 }

@@ -78,6 +78,14 @@ pub fn record_json(emission: &Emission, emitted_at: DateTime<Utc>) -> serde_json
 }
 
 impl Sink {
+    /// The dependency's name, for logs and the runtime's pause.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Sink::Kafka { .. } => "kafka_sink",
+            Sink::Postgres { .. } => "postgres",
+        }
+    }
+
     /// Writes every emission durably (delivery reports or a committed statement), or fails.
     pub async fn write(&self, emissions: &[Emission]) -> Result<(), SinkError> {
         if emissions.is_empty() {

@@ -10,20 +10,20 @@
 //!   the window dirty and it is re-emitted. Events whose every window is final are too late.
 //! - The horizon only moves on `apply` (in offset order), never on wall-clock ticks, so a replay
 //!   of the same offsets with the same starting horizon accepts exactly the same events.
-//! - Committable offset = min(first offset of every retained window, held dead letters, next
-//!   offset). A window is dropped only when final and every emission of it is acknowledged, so a
+//! - Committable offset = min(first offset of every retained window, next offset); the stage
+//!   runtime further holds it below any dead letter still in flight. A window is dropped only when final and every emission of it is acknowledged, so a
 //!   restart from the committed offset (with the committed horizon) rebuilds every window that
 //!   can still change, from all of its events.
 //! - Cap: when more than `max_open_windows` (name × function × window) are open, the oldest window
 //!   start of the partition holding it is force-finalized: emitted as is, later events for it are
 //!   dead-lettered as too late. Memory stays bounded; only overloaded windows lose exactness.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use super::event::Event;
 use super::function::{Accumulator, Function};
-use crate::kafka::ack::PartitionId;
+use crate::stage::PartitionId;
 
 /// Window shape and lateness policy; durations of event time in milliseconds.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,8 +98,6 @@ struct PartitionWindows {
     horizon_ms: i64,
     next_offset: Option<i64>,
     last_activity: Option<Instant>,
-    /// Offsets whose dead letter is not yet acknowledged.
-    held: BTreeSet<i64>,
 }
 
 impl PartitionWindows {
@@ -110,15 +108,13 @@ impl PartitionWindows {
             horizon_ms: horizon_ms.unwrap_or(i64::MIN),
             next_offset: None,
             last_activity: None,
-            held: BTreeSet::new(),
         }
     }
 
     fn checkpoint(&self) -> Option<Checkpoint> {
         let next = self.next_offset?;
         let first_retained = self.slots.values().map(|s| s.first_offset).min();
-        let first_held = self.held.first().copied();
-        let next_offset = [Some(next), first_retained, first_held]
+        let next_offset = [Some(next), first_retained]
             .into_iter()
             .flatten()
             .min()
@@ -283,24 +279,10 @@ impl Engine {
         }
     }
 
-    /// Records an offset that contributes to no window (its dead letter is in flight: `hold`).
+    /// Records an offset that contributes to no window (it is dead-lettered).
     pub fn skip(&mut self, partition: &PartitionId, offset: i64) {
         if let Some(state) = self.partitions.get_mut(partition) {
             state.next_offset = Some(offset + 1);
-        }
-    }
-
-    /// Keeps `offset` uncommittable until `release_held` (its dead letter is being written).
-    pub fn hold(&mut self, partition: &PartitionId, offset: i64) {
-        if let Some(state) = self.partitions.get_mut(partition) {
-            state.held.insert(offset);
-        }
-    }
-
-    /// Every dead letter handed out so far was acknowledged.
-    pub fn release_held(&mut self) {
-        for state in self.partitions.values_mut() {
-            state.held.clear();
         }
     }
 
@@ -623,14 +605,11 @@ mod tests {
     }
 
     #[test]
-    fn dead_letters_hold_the_checkpoint_until_released() {
+    fn skipped_offsets_advance_the_checkpoint_and_unassigned_partitions_are_ignored() {
         let t0 = Instant::now();
         let mut engine = Engine::new(config());
         engine.assign(p(0), None);
         engine.skip(&p(0), 0);
-        engine.hold(&p(0), 0);
-        assert_eq!(engine.checkpoints()[0].1.next_offset, 0);
-        engine.release_held();
         assert_eq!(engine.checkpoints()[0].1.next_offset, 1);
         assert_eq!(
             engine.apply(&p(9), 0, &ev("x", Function::Sum, 1.0, 0), t0),

@@ -25,9 +25,9 @@ use crate::aggregate::window::{Emission, Engine, EngineConfig, Outcome};
 use crate::aggregate::AggregateArgs;
 use crate::config::Settings;
 use crate::generate::{Generator, TrafficKind};
-use crate::kafka::ack::PartitionId;
 use crate::kafka::client::client_config;
 use crate::kafka::ClientKind;
+use crate::stage::PartitionId;
 
 /// Event time advances 10 µs per event (100,000 events per second of event time): 10 M events
 /// span 100 s, so 100 one-second windows and two or three 60-second ones per series.

@@ -455,6 +455,27 @@ pub fn describe_metrics(stage: &'static str) {
 
 /// Runs `op` until it succeeds or fails for a reason other than the registry being
 /// unavailable, backing off between attempts; `None` if shutdown came first.
+/// A codec result in the stage runtime's terms: the registry being unavailable makes the runtime
+/// hold the record and retry it (pausing consumption meanwhile); a record's own defect is
+/// returned for the stage to dead-letter.
+pub fn available<T>(
+    stage: &'static str,
+    result: Result<T, CodecError>,
+) -> Result<Result<T, RecordError>, crate::stage::StageError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(CodecError::Record(error)) => Ok(Err(error)),
+        Err(CodecError::Unavailable(reason)) => {
+            metrics::counter!("eventpipe_schema_registry_errors_total", "stage" => stage)
+                .increment(1);
+            Err(crate::stage::StageError::Unavailable {
+                dependency: "schema_registry",
+                reason,
+            })
+        }
+    }
+}
+
 pub async fn until_available<T, F, Fut>(
     stage: &'static str,
     shutdown: &CancellationToken,

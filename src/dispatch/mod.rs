@@ -6,18 +6,28 @@ pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod routes;
-pub mod transactional;
 pub mod transform;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, DispatchSettings, KafkaSettings};
+use crate::stage::{DeadLetterTopic, InputTopics, NoHooks, OffsetPolicy, StageSpec};
 use crate::telemetry::Readiness;
-pub use pipeline::{DispatchError, DispatchSummary};
+pub use pipeline::{DispatchStage, DispatchSummary};
 use registry::HandlerRegistry;
 use transform::{DispatchCodecs, Transformer};
 
 use crate::codec;
+
+/// How often acknowledged offsets are committed (at least once).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Exactly once: a transaction closes after this many inputs or this much time, whichever comes
+/// first; larger batches amortise the commit, smaller ones bound latency and re-work after an abort.
+const TRANSACTION_MAX_INPUTS: usize = 10_000;
+const TRANSACTION_MAX_TIME: Duration = Duration::from_millis(100);
 
 /// Loads the routes, binds handlers from `registry`, and runs until `shutdown`.
 pub async fn run(
@@ -51,29 +61,58 @@ pub async fn run(
         codecs,
         router,
         service: settings.service.clone(),
-        dead_letter_suffix: settings.dead_letter_suffix.clone(),
         max_envelope_bytes: settings.max_envelope_bytes,
     };
-    if settings.exactly_once {
-        return Ok(transactional::run(
-            kafka,
-            &settings.input,
-            &settings.group_id,
-            &settings.transactional_id,
-            transformer,
-            readiness,
-            shutdown,
-        )
-        .await?);
+    let spec = stage_spec(kafka, settings, &transformer);
+    tracing::info!(actions = ?transformer.router.actions(), exactly_once = settings.exactly_once, "dispatching");
+    let stage = crate::stage::run(kafka, spec, Arc::new(NoHooks), readiness, shutdown, |_| {
+        DispatchStage::new(transformer)
+    })
+    .await?;
+    let summary = stage.summary;
+    tracing::info!(
+        consumed = summary.consumed,
+        routed = summary.routed,
+        dead_lettered = summary.dead_lettered,
+        "dispatcher stopped"
+    );
+    Ok(summary)
+}
+
+/// The dispatcher as the runtime sees it.
+pub fn stage_spec(
+    kafka: &KafkaSettings,
+    settings: &DispatchSettings,
+    transformer: &Transformer,
+) -> StageSpec {
+    let dead_letters = DeadLetterTopic::Suffix(settings.dead_letter_suffix.clone());
+    // Every route's outputs and, for named inputs, the inputs and their dead-letter topics.
+    // (A pattern's matches are not known in advance.)
+    let mut required = transformer.router.output_topics().to_vec();
+    if let InputTopics::Names(names) = &settings.input {
+        for name in names {
+            required.push(name.clone());
+            required.push(dead_letters.for_input(name));
+        }
     }
-    Ok(pipeline::run(
-        kafka,
-        &settings.input,
-        &settings.group_id,
-        settings.drain_timeout,
-        transformer,
-        readiness,
-        shutdown,
-    )
-    .await?)
+    let policy = if settings.exactly_once {
+        OffsetPolicy::Transactional {
+            transactional_id: settings.transactional_id.clone(),
+            batch_size: TRANSACTION_MAX_INPUTS,
+            batch_time: TRANSACTION_MAX_TIME,
+        }
+    } else {
+        OffsetPolicy::AckedPrefix
+    };
+    StageSpec {
+        name: "dispatch",
+        inputs: settings.input.clone(),
+        group_id: settings.group_id.clone(),
+        required_topics: required,
+        dead_letters,
+        policy,
+        drain_timeout: settings.drain_timeout,
+        tick: COMMIT_INTERVAL,
+        max_record_bytes: kafka.max_record_bytes(),
+    }
 }

@@ -8,30 +8,17 @@ use serde::Serialize;
 
 use super::registry::{Inbound, OutData, Router};
 use crate::codec::{Codec, CodecSettings, Registry, SchemaName};
-use crate::dead_letter::{self, SourcePosition};
 use crate::envelope::EnvelopeRef;
+use crate::stage::dead_letter;
+pub use crate::stage::OutputRecord;
+use crate::stage::{DeadLetter, Record};
 
 /// A consumed record as the transform needs it.
 pub struct InputRecord<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    /// The value as JSON (decoded from Avro when the topic is Avro).
+    pub record: &'a Record<'a>,
+    /// The value as JSON (decoded from Avro when the topic is Avro); `record.payload` is the
+    /// value as consumed, what a dead letter carries.
     pub payload: &'a [u8],
-    /// The value as consumed: what a dead letter carries, untouched.
-    pub original: &'a [u8],
-    pub headers: Vec<(&'a str, &'a [u8])>,
-}
-
-/// A record to produce.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutputRecord {
-    pub topic: Arc<str>,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub headers: Vec<(Cow<'static, str>, Vec<u8>)>,
 }
 
 /// The output envelope, serialized straight from borrowed parts (no intermediate JSON tree).
@@ -70,11 +57,8 @@ pub enum Disposition {
         action: String,
         outputs: Vec<OutputRecord>,
     },
-    /// The original bytes, to the dead-letter topic, with `kind` as the metric label.
-    DeadLetter {
-        kind: &'static str,
-        record: OutputRecord,
-    },
+    /// The original record, to the dead-letter topic, with `kind` as the metric label.
+    DeadLetter(DeadLetter),
 }
 
 pub struct Transformer {
@@ -82,7 +66,6 @@ pub struct Transformer {
     /// Input envelopes and output events on the wire: JSON or Avro, per topic.
     pub codecs: DispatchCodecs,
     pub service: String,
-    pub dead_letter_suffix: String,
     pub max_envelope_bytes: usize,
 }
 
@@ -112,28 +95,27 @@ impl Transformer {
     pub fn transform(&self, input: &InputRecord<'_>, now: &str) -> Disposition {
         let envelope = match EnvelopeRef::decode(input.payload, self.max_envelope_bytes) {
             Ok(envelope) => envelope,
-            Err(error) => return self.dead_letter(input, error.kind(), &error.to_string()),
+            Err(error) => return self.dead_letter(error.kind(), &error.to_string()),
         };
         let Some(handler) = self.router.handler(&envelope.action) else {
             return self.dead_letter(
-                input,
                 "unknown_action",
                 &format!("no route for action {:?}", envelope.action),
             );
         };
         let inbound = Inbound {
             envelope: &envelope,
-            topic: input.topic,
-            partition: input.partition,
-            offset: input.offset,
+            topic: input.record.topic,
+            partition: input.record.partition,
+            offset: input.record.offset,
         };
         let outbound = match handler.handle(&inbound) {
             Ok(outbound) => outbound,
-            Err(error) => return self.dead_letter(input, "handler_error", &error.0),
+            Err(error) => return self.dead_letter("handler_error", &error.0),
         };
-        let key_text = input.key.map(String::from_utf8_lossy);
-        let partition_text = input.partition.to_string();
-        let offset_text = input.offset.to_string();
+        let key_text = input.record.key.map(String::from_utf8_lossy);
+        let partition_text = input.record.partition.to_string();
+        let offset_text = input.record.offset.to_string();
         let outputs = outbound
             .into_iter()
             .map(|out| {
@@ -148,9 +130,9 @@ impl Transformer {
                     source: Source {
                         service: &envelope.service,
                         action: &envelope.action,
-                        topic: input.topic,
-                        partition: input.partition,
-                        offset: input.offset,
+                        topic: input.record.topic,
+                        partition: input.record.partition,
+                        offset: input.record.offset,
                         timestamp: &envelope.payload.timestamp,
                         key: key_text.as_deref(),
                     },
@@ -165,7 +147,7 @@ impl Transformer {
                     ),
                     (
                         Cow::Borrowed(dead_letter::HEADER_SOURCE_TOPIC),
-                        input.topic.as_bytes().to_vec(),
+                        input.record.topic.as_bytes().to_vec(),
                     ),
                     (
                         Cow::Borrowed(dead_letter::HEADER_SOURCE_PARTITION),
@@ -178,7 +160,7 @@ impl Transformer {
                 ];
                 OutputRecord {
                     topic: out.topic,
-                    key: input.key.map(<[u8]>::to_vec),
+                    key: input.record.key.map(<[u8]>::to_vec),
                     value,
                     headers,
                 }
@@ -191,37 +173,8 @@ impl Transformer {
     }
 
     /// The input, untouched, to its dead-letter topic with `kind` and `reason` as headers.
-    pub fn dead_letter(
-        &self,
-        input: &InputRecord<'_>,
-        kind: &'static str,
-        reason: &str,
-    ) -> Disposition {
-        let source = SourcePosition {
-            topic: input.topic,
-            partition: input.partition,
-            offset: input.offset,
-            timestamp_ms: input.timestamp_ms,
-        };
-        let mut headers: Vec<(Cow<'static, str>, Vec<u8>)> = input
-            .headers
-            .iter()
-            .map(|(k, v)| (Cow::Owned(k.to_string()), v.to_vec()))
-            .collect();
-        headers.extend(
-            dead_letter::headers("dispatch", kind, reason, &source)
-                .into_iter()
-                .map(|(k, v)| (Cow::Borrowed(k), v.into_bytes())),
-        );
-        Disposition::DeadLetter {
-            kind,
-            record: OutputRecord {
-                topic: dead_letter::dead_letter_topic(input.topic, &self.dead_letter_suffix).into(),
-                key: input.key.map(<[u8]>::to_vec),
-                value: input.original.to_vec(),
-                headers,
-            },
-        }
+    pub fn dead_letter(&self, kind: &'static str, reason: &str) -> Disposition {
+        Disposition::DeadLetter(DeadLetter::new(kind, reason))
     }
 }
 
@@ -242,20 +195,18 @@ mod tests {
             router: HandlerRegistry::with_builtins().build(&routes).unwrap(),
             codecs: DispatchCodecs::json(),
             service: "eventpipe-dispatch".into(),
-            dead_letter_suffix: ".dlq".into(),
             max_envelope_bytes: 4096,
         }
     }
 
-    fn input<'a>(topic: &'a str, payload: &'a [u8]) -> InputRecord<'a> {
-        InputRecord {
+    fn record<'a>(topic: &'a Arc<str>, payload: &'a [u8]) -> Record<'a> {
+        Record {
             topic,
             partition: 1,
             offset: 17,
             timestamp_ms: Some(1_714_564_800_000),
             key: Some(b"42"),
             payload,
-            original: payload,
             headers: vec![("trace", b"abc")],
         }
     }
@@ -292,9 +243,13 @@ mod tests {
             let body = format!(
                 r#"{{"service":"lk","action":"{action}","payload":{{"message":"It is {action}","timestamp":"2024-05-01T12:00:00.123456","data":{{"user_id":42}}}}}}"#
             );
-            let Disposition::Routed { outputs, .. } =
-                t.transform(&input(topic, body.as_bytes()), "NOW")
-            else {
+            let topic_id: Arc<str> = topic.into();
+            let record = record(&topic_id, body.as_bytes());
+            let input = InputRecord {
+                record: &record,
+                payload: record.payload,
+            };
+            let Disposition::Routed { outputs, .. } = t.transform(&input, "NOW") else {
                 panic!("{action} routed")
             };
             assert_eq!(outputs.len(), expected.len());
@@ -339,10 +294,22 @@ mod tests {
             (br#"{"service":"lk","action":"delete_everything","payload":{"message":"m","timestamp":"t"}}"#.to_vec(), "unknown_action"),
             (big.into_bytes(), "oversized"),
         ];
+        let topic: Arc<str> = "task_in".into();
         for (payload, expected_kind) in cases {
-            match t.transform(&input("task_in", &payload), "NOW") {
-                Disposition::DeadLetter { kind, record } => {
-                    assert_eq!(kind, expected_kind);
+            let input = record(&topic, &payload);
+            let transformed = t.transform(
+                &InputRecord {
+                    record: &input,
+                    payload: &payload,
+                },
+                "NOW",
+            );
+            match transformed {
+                Disposition::DeadLetter(dead_letter) => {
+                    assert_eq!(dead_letter.kind, expected_kind);
+                    // The record the runtime writes for it.
+                    let record =
+                        dead_letter::record("dispatch", &dead_letter, &input, "task_in.dlq");
                     assert_eq!(&*record.topic, "task_in.dlq");
                     assert_eq!(record.value, payload, "original bytes kept");
                     assert_eq!(record.key.as_deref(), Some(&b"42"[..]));

@@ -63,7 +63,7 @@ pub fn client_config(settings: &KafkaSettings, kind: ClientKind) -> ClientConfig
         }
         ClientKind::Consumer => {
             config
-                // Stages commit acknowledged offsets themselves (kafka::offsets): never a
+                // Stages commit acknowledged offsets themselves (stage::commit): never a
                 // librdkafka auto-commit of offsets whose outputs are still in flight.
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
@@ -167,36 +167,6 @@ impl ProducerContext for PipelineContext {
 }
 
 impl ConsumerContext for PipelineContext {}
-
-/// Implements `ClientContext` for a stage's own context type (one with a `log: PipelineContext`
-/// field) by routing librdkafka's logs and errors through it; `lag = "metric"` also records the
-/// consumer lag of owned partitions from librdkafka's statistics into that gauge.
-macro_rules! logging_client_context {
-    ($context:ty) => {
-        impl rdkafka::ClientContext for $context {
-            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-                self.log.log(level, facility, message);
-            }
-            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-                self.log.error(error, reason);
-            }
-        }
-    };
-    ($context:ty, lag = $metric:literal) => {
-        impl rdkafka::ClientContext for $context {
-            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-                self.log.log(level, facility, message);
-            }
-            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-                self.log.error(error, reason);
-            }
-            fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-                $crate::kafka::offsets::record_lag($metric, &statistics);
-            }
-        }
-    };
-}
-pub(crate) use logging_client_context;
 
 /// Fetches cluster metadata (all topics) within the configured bound, or says why not.
 /// Blocking: call it at start-up, before the client is handed to async work.

@@ -210,7 +210,9 @@ fn write_bulk_file(
             continue;
         };
         let message = message?;
-        if let Ok(lines) = super::pipeline::document_lines(&message, input, log) {
+        let topic: std::sync::Arc<str> = input.into();
+        let record = crate::stage::Record::from_message(&message, &topic);
+        if let Ok(lines) = super::pipeline::document_lines(&record, record.payload, log) {
             out.write_all(&lines)?;
         }
         written += 1;

@@ -244,7 +244,7 @@ impl LogSettings {
             .dead_letter_topic
             .clone()
             .or(file.dead_letter_topic.clone())
-            .unwrap_or_else(|| crate::dead_letter::dead_letter_topic(&input_topic, ".dlq"));
+            .unwrap_or_else(|| crate::stage::dead_letter::dead_letter_topic(&input_topic, ".dlq"));
         if !crate::topics::valid_topic_name(&dead_letter_topic) || dead_letter_topic == input_topic
         {
             return Err(invalid(

@@ -1,5 +1,10 @@
-//! Dead-letter records: the original key and bytes, untouched, plus headers that say why and
-//! where from, so a person (or a replay tool) can act on them. Shared by every stage.
+//! Dead-letter records: the original key, headers and bytes, untouched, plus headers that say
+//! why and where from, so a person (or a replay tool) can act on them. The one builder.
+
+use std::borrow::Cow;
+
+use super::output::OutputRecord;
+use super::{DeadLetter, Record};
 
 /// Header names on every dead-lettered record.
 pub const HEADER_KIND: &str = "eventpipe.error.kind";
@@ -55,6 +60,42 @@ pub fn headers(
         headers.push((HEADER_SOURCE_TIMESTAMP, ms.to_string()));
     }
     headers
+}
+
+/// The dead-letter record of `record`, bound for `topic`.
+pub fn record(
+    stage: &str,
+    dead_letter: &DeadLetter,
+    record: &Record<'_>,
+    topic: &str,
+) -> OutputRecord {
+    let source = SourcePosition {
+        topic: record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        timestamp_ms: record.timestamp_ms,
+    };
+    let added = headers(stage, dead_letter.kind, &dead_letter.reason, &source);
+    let mut all: Vec<(Cow<'static, str>, Vec<u8>)> =
+        Vec::with_capacity(record.headers.len() + added.len() + dead_letter.extra_headers.len());
+    all.extend(
+        record
+            .headers
+            .iter()
+            .map(|(k, v)| (Cow::Owned(k.to_string()), v.to_vec())),
+    );
+    all.extend(
+        added
+            .into_iter()
+            .chain(dead_letter.extra_headers.iter().cloned())
+            .map(|(k, v)| (Cow::Borrowed(k), v.into_bytes())),
+    );
+    OutputRecord {
+        topic: topic.into(),
+        key: record.key.map(<[u8]>::to_vec),
+        value: record.payload.to_vec(),
+        headers: all,
+    }
 }
 
 #[cfg(test)]

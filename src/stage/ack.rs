@@ -40,6 +40,16 @@ impl AckTracker {
         Self::advance(state, &mut self.in_flight);
     }
 
+    /// `offset` (already tracked) will produce `outputs` more records.
+    pub fn add(&mut self, id: &PartitionId, offset: i64, outputs: u32) {
+        let Some(state) = self.partitions.get_mut(id) else {
+            return;
+        };
+        if let Ok(index) = state.pending.binary_search_by_key(&offset, |(o, _)| *o) {
+            state.pending[index].1 += outputs;
+        }
+    }
+
     /// One output of `offset` was acknowledged. Unknown offsets (a revoked partition) are ignored.
     pub fn ack(&mut self, id: &PartitionId, offset: i64) {
         let Some(state) = self.partitions.get_mut(id) else {
@@ -74,6 +84,19 @@ impl AckTracker {
         changed
     }
 
+    /// Every partition's committable offset (Kafka's "next offset" form), whether or not it
+    /// changed: the committer compares them with what the broker confirmed.
+    pub fn committable_offsets(&self) -> impl Iterator<Item = (&PartitionId, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(id, state)| Some((id, state.committable?)))
+    }
+
+    /// The oldest offset of a partition still awaiting acknowledgement.
+    pub fn first_pending(&self, id: &PartitionId) -> Option<i64> {
+        self.partitions.get(id)?.pending.front().map(|(o, _)| *o)
+    }
+
     /// Inputs not yet fully acknowledged, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.in_flight
@@ -90,6 +113,12 @@ impl AckTracker {
         self.in_flight -= state.pending.len();
         state.committable
     }
+}
+
+/// Locks a tracker shared with delivery callbacks. A poisoned lock only means a panic
+/// elsewhere; the bookkeeping itself stays consistent.
+pub fn lock(tracker: &std::sync::Mutex<AckTracker>) -> std::sync::MutexGuard<'_, AckTracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
