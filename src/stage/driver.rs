@@ -413,7 +413,13 @@ impl Driver {
     }
 
     fn hold(&mut self, message: OwnedMessage, dependency: &'static str, reason: String) {
-        tracing::warn!(stage = self.spec.name, dependency, %reason, "dependency unavailable; holding the record and retrying");
+        tracing::warn!(
+            stage = self.spec.name,
+            dependency,
+            %reason,
+            "{} unavailable; waiting (the record is held and retried)",
+            dependency.replace('_', " ")
+        );
         let now = Instant::now();
         self.held = Some(Held {
             message,
