@@ -147,24 +147,6 @@ pub async fn consume(
     messages
 }
 
-/// Reads everything that arrives until `quiet` passes with no new message.
-pub async fn consume_until_quiet(
-    settings: &Settings,
-    topic: &str,
-    quiet: Duration,
-) -> Vec<OwnedMessage> {
-    let consumer = consumer(settings, topic);
-    let mut messages = Vec::new();
-    while let Ok(received) = tokio::time::timeout(quiet, consumer.recv()).await {
-        messages.push(
-            received
-                .unwrap_or_else(|e| panic!("consuming {topic}: {e}"))
-                .detach(),
-        );
-    }
-    messages
-}
-
 /// A consumer that never joins a group (it is only asked about offsets, or assigned partitions):
 /// `group` is the group whose committed offsets it reads, or a fresh one.
 fn plain_consumer(settings: &Settings, group: Option<&str>) -> BaseConsumer<PipelineContext> {
