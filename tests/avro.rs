@@ -614,29 +614,45 @@ async fn a_registry_outage_is_waited_out_and_nothing_is_dead_lettered() {
         second.push(((seq % 3).to_string(), encode(&v2, &f.input, &value).await));
     }
     common::produce_all(&settings, &f.input, &second).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let metrics = stage.metrics().await;
-    let waiting = common::metric_value(&metrics, "eventpipe_schema_registry_errors_total", &[]);
-    assert!(waiting.unwrap_or(0.0) >= 1.0, "{metrics}");
-    assert!(stage.log().contains("schema registry unavailable; waiting"));
-
-    cut.set_up(true);
-    let all = common::consume(&settings, &f.info, 40, Duration::from_secs(60)).await;
-    // Long enough for a fresh group to join and read anything there.
-    let dead = common::consume(
-        &settings,
-        &format!("{}.dlq", f.input),
-        1,
-        Duration::from_secs(10),
+    // The stage met the outage: it counted registry errors and says it is waiting.
+    common::wait_until(
+        Duration::from_secs(60),
+        "the stage to wait for the registry",
+        async || {
+            let metrics = stage.metrics().await;
+            let errors =
+                common::metric_value(&metrics, "eventpipe_schema_registry_errors_total", &[]);
+            let waiting = stage.log().contains("schema registry unavailable; waiting");
+            if errors.unwrap_or(0.0) >= 1.0 && waiting {
+                Ok(())
+            } else {
+                Err(format!("errors {errors:?}, waiting logged: {waiting}"))
+            }
+        },
     )
     .await;
+    assert_eq!(
+        common::end_offsets(&settings, &f.info)
+            .values()
+            .sum::<i64>(),
+        20,
+        "nothing of the second batch is routed before the registry is back"
+    );
+
+    cut.set_up(true);
+    let arrived = common::consume(&settings, &f.info, 40, Duration::from_secs(60)).await;
+    assert_eq!(arrived.len(), 40, "{}", stage.log());
+    // Every input handled (committed): a dead letter would have been written before.
+    common::wait_for_committed_end(&settings, &f.group, &f.input, Duration::from_secs(60)).await;
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
+    let dead = common::read_to_end(&settings, &format!("{}.dlq", f.input));
     assert!(
         dead.is_empty(),
         "an outage dead-letters nothing: {} records",
         dead.len()
     );
+    let all = common::read_to_end(&settings, &f.info);
     let mut seqs: Vec<u64> = all
         .iter()
         .map(|m| common::json(m)["payload"]["data"]["seq"].as_u64().unwrap())

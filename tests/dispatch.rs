@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -208,20 +208,112 @@ async fn builtin_actions_arrive_with_the_right_fields_exactly_once_across_a_rest
         "{log}"
     );
 
-    // Offsets were committed on shutdown: a restart in the same group re-emits nothing.
+    // Offsets were committed on shutdown: the group's committed offsets are the inputs' ends.
+    let inputs = [
+        (&f.create, "create_user"),
+        (&f.update, "update_user"),
+        (&f.task, "start_task"),
+    ];
+    let mut ends = BTreeMap::new();
+    for (topic, _) in inputs {
+        let end = common::end_offsets(&settings, topic);
+        assert_eq!(
+            common::committed_offsets(&settings, &f.group, topic),
+            end,
+            "{topic}: the graceful stop committed every input"
+        );
+        ends.insert(topic.clone(), end);
+    }
+
+    // A restart in the same group re-consumes nothing. Idle time proves nothing (a restart that
+    // had not been assigned its partitions yet would pass too), so: wait until it owns and
+    // fetches all 9 input partitions, then send one marker per partition and wait for the
+    // markers' outputs. A partition is read in order, so a marker's output proves the restart's
+    // position passed everything before it; it must have consumed the markers and nothing else,
+    // each marker at its partition's old end offset.
     let stage = f.start(&[]);
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    stage.wait_ready().await;
+    // Assigned and fetching: a lag series at 0 for every input partition with a committed
+    // offset. (librdkafka measures lag from the committed offset, so a partition the group
+    // never committed, here one that no key hashed to, has no series; the markers cover those.)
+    let committed_partitions: BTreeSet<(String, i32)> = ends
+        .iter()
+        .flat_map(|(topic, end)| {
+            end.iter()
+                .filter(|(_, offset)| **offset > 0)
+                .map(move |(partition, _)| (topic.clone(), *partition))
+        })
+        .collect();
+    common::wait_until(
+        Duration::from_secs(30),
+        "the restart to own every committed input partition at lag 0",
+        async || {
+            let lag = common::lag_series(
+                &stage.metrics().await,
+                "eventpipe_dispatch_consumer_lag_messages",
+            );
+            if committed_partitions.iter().all(|k| lag.get(k) == Some(&0)) {
+                Ok(())
+            } else {
+                Err(format!("{lag:?}, expected {committed_partitions:?}"))
+            }
+        },
+    )
+    .await;
+    let mut markers: BTreeMap<u64, (String, i32)> = BTreeMap::new();
+    for (topic, action) in inputs {
+        let records: Vec<(i32, String, Vec<u8>)> = (0..3)
+            .map(|partition| {
+                let seq = 1_000 + markers.len() as u64;
+                markers.insert(seq, (topic.clone(), partition));
+                (partition, "100".to_string(), envelope(action, 100, seq))
+            })
+            .collect();
+        common::produce_to_partitions(&settings, topic, &records).await;
+    }
+    let with_markers = 3 * per_action as usize + markers.len();
+    let info = common::consume(&settings, &f.info, with_markers, Duration::from_secs(60)).await;
+    assert_eq!(info.len(), with_markers, "markers routed: {}", stage.log());
+    let metrics = stage.metrics().await;
+    for (topic, _) in inputs {
+        assert_eq!(
+            common::metric_value(&metrics, "eventpipe_dispatch_consumed_total", &[topic]),
+            Some(3.0),
+            "{topic}: the restart consumed its 3 markers and nothing else: {metrics}"
+        );
+    }
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
+    let n = markers.len();
     assert!(
-        log.contains("consumed 0, routed 0, dead-lettered 0"),
-        "{log}"
+        log.contains(&format!("consumed {n}, routed {n}, dead-lettered 0")),
+        "the restart consumed the {n} markers and nothing else: {log}"
     );
-    let all = common::consume_until_quiet(&settings, &f.info, Duration::from_secs(5)).await;
+    let all = common::read_to_end(&settings, &f.info);
     assert_eq!(
         all.len(),
-        3 * per_action as usize,
+        with_markers,
         "no duplicates after a graceful restart"
+    );
+    let mut marker_outputs = 0;
+    for message in &all {
+        let v = common::json(message);
+        let seq = v["payload"]["data"]["seq"].as_u64().unwrap();
+        if let Some((topic, partition)) = markers.get(&seq) {
+            marker_outputs += 1;
+            assert_eq!(v["source"]["topic"], topic.as_str());
+            assert_eq!(v["source"]["partition"], *partition);
+            assert_eq!(
+                v["source"]["offset"], ends[topic][partition],
+                "marker {seq}: the restart started at the committed end of {topic}[{partition}]"
+            );
+        }
+    }
+    assert_eq!(marker_outputs, markers.len(), "each marker exactly once");
+    assert_eq!(
+        common::read_to_end(&settings, &f.worker).len(),
+        per_action as usize + 3,
+        "worker: every start_task once, and the 3 start_task markers"
     );
 }
 
@@ -365,46 +457,116 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
     // A short session timeout lets the group notice the killed member quickly.
     let fast_failover = [("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000")];
     let stage = f.start(&fast_failover);
-    let consumer = common::consumer(&settings, &f.info);
-    let mut seen_before_kill = 0;
-    while seen_before_kill < 3_000 {
-        common::next_message(
-            &consumer,
-            tokio::time::Instant::now() + Duration::from_secs(60),
-        )
-        .await
-        .unwrap_or_else(|| panic!("dispatcher made no progress: {}", stage.log()));
-        seen_before_kill += 1;
-    }
+    // Crash once the dispatcher committed progress on every partition (it commits acknowledged
+    // offsets every 100 ms), so the restart resumes from a committed position on each.
+    common::wait_until(
+        Duration::from_secs(90),
+        "the dispatcher to commit 3000 inputs, some on every partition",
+        async || {
+            let committed = common::committed_offsets(&settings, &f.group, &f.update);
+            let sum: i64 = committed.values().sum();
+            if sum >= 3_000 && committed.values().all(|o| *o > 0) {
+                Ok(())
+            } else {
+                Err(format!("{committed:?}:\n{}", stage.log()))
+            }
+        },
+    )
+    .await;
     stage.kill9();
+    // Once the killed member has expired nothing commits for the group: these are the offsets
+    // the restart starts from.
+    common::wait_for_empty_group(&settings, &f.group, Duration::from_secs(60)).await;
+    let committed = common::committed_offsets(&settings, &f.group, &f.update);
+    let end = common::end_offsets(&settings, &f.update);
+    let uncommitted: i64 = end.iter().map(|(p, e)| e - committed[p]).sum();
+    assert!(
+        uncommitted > 0,
+        "the crash came mid-stream: committed {committed:?} of {end:?}"
+    );
 
     let stage = f.start(&fast_failover);
-    let mut outputs: Vec<OwnedMessage> = Vec::new();
-    let mut distinct = HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let consumer = common::consumer(&settings, &f.info);
-    while (distinct.len() as u64) < total {
-        let message = common::next_message(&consumer, deadline)
-            .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "only {} of {total} distinct events arrived: {}",
-                    distinct.len(),
-                    stage.log()
-                )
-            });
-        let (_, seq) = seqs(std::slice::from_ref(&message))[0];
-        distinct.insert(seq);
-        outputs.push(message);
-    }
-    let duplicates = outputs.len() as u64 - total;
-    println!("kill -9: {total} events, {duplicates} duplicates re-delivered after the crash");
-    assert!(
-        duplicates < total,
-        "duplicates are bounded by the work in flight"
-    );
+    common::wait_for_committed_end(&settings, &f.group, &f.update, Duration::from_secs(180)).await;
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
+
+    // Every output there is, checked field by field and traced to its input record.
+    let outputs = common::read_to_end(&settings, &f.info);
+    let mut deliveries: BTreeMap<(i32, i64), (u64, usize)> = BTreeMap::new();
+    for (message, (_, seq)) in outputs.iter().zip(seqs(&outputs)) {
+        let v = common::json(message);
+        assert_eq!(v["action"], "update_user");
+        assert_eq!(v["service"], "eventpipe-dispatch");
+        assert_eq!(v["payload"]["message"], "User updated");
+        assert_eq!(v["source"]["service"], "lk");
+        assert_eq!(v["source"]["topic"], f.update.as_str());
+        assert_eq!(v["source"]["timestamp"], "2024-05-01T12:00:00.123456");
+        assert_eq!(common::headers(message)["action"], "update_user");
+        let input = (
+            v["source"]["partition"].as_i64().unwrap() as i32,
+            v["source"]["offset"].as_i64().unwrap(),
+        );
+        let entry = deliveries.entry(input).or_insert((seq, 0));
+        assert_eq!(
+            entry.0, seq,
+            "input {input:?} re-delivered as the same event"
+        );
+        entry.1 += 1;
+    }
+    // Every input arrived: each offset of each partition, each event once among them, and in a
+    // partition the events in the order they were produced.
+    let expected_inputs: Vec<(i32, i64)> = end
+        .iter()
+        .flat_map(|(p, e)| (0..*e).map(move |o| (*p, o)))
+        .collect();
+    assert_eq!(
+        deliveries.keys().cloned().collect::<Vec<_>>(),
+        expected_inputs,
+        "every input offset has an output"
+    );
+    let distinct: HashSet<u64> = deliveries.values().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        distinct.len() as u64,
+        total,
+        "every event, each from one input"
+    );
+    for p in end.keys() {
+        let in_partition: Vec<u64> = deliveries
+            .range((*p, 0)..(*p + 1, 0))
+            .map(|(_, (seq, _))| *seq)
+            .collect();
+        assert!(
+            in_partition.windows(2).all(|w| w[0] < w[1]),
+            "partition {p} in produce order"
+        );
+    }
+    // The bound at-least-once promises: an input below its partition's committed offset was
+    // finished before the crash and is never delivered again; one at or above it is delivered
+    // by the restart, and possibly also by the killed run (at most once each). So the
+    // duplicates are at most the uncommitted inputs (whatever was consumed since the last
+    // commit, 100 ms of work), and none of the committed ones.
+    for ((p, o), (seq, times)) in &deliveries {
+        if *o < committed[p] {
+            assert_eq!(
+                *times, 1,
+                "input {p}/{o} (seq {seq}) was committed before the crash, yet delivered {times} times"
+            );
+        } else {
+            assert!(
+                (1..=2).contains(times),
+                "input {p}/{o} (seq {seq}) delivered {times} times"
+            );
+        }
+    }
+    let duplicates = outputs.len() as i64 - total as i64;
+    println!(
+        "kill -9: {total} events, committed {committed:?} of {end:?}: {duplicates} duplicates \
+         re-delivered, at most {uncommitted} possible"
+    );
+    assert!(
+        duplicates <= uncommitted,
+        "duplicates are bounded by the uncommitted inputs"
+    );
 }
 
 #[tokio::test]
@@ -445,27 +607,25 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
     stage.kill9();
 
     let stage = f.start(&eos);
-    let outputs = {
-        let consumer = common::consumer(&committed_reader, &f.info);
-        let mut outputs = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-        while (outputs.len() as u64) < total {
-            let message = common::next_message(&consumer, deadline)
-                .await
-                .unwrap_or_else(|| panic!("{} of {total} arrived: {}", outputs.len(), stage.log()));
-            outputs.push(message);
-        }
-        // Anything more than `total` would be a duplicate: give it time to show up.
-        while let Some(extra) = common::next_message(
-            &consumer,
-            tokio::time::Instant::now() + Duration::from_secs(5),
-        )
-        .await
-        {
-            outputs.push(extra);
-        }
-        outputs
-    };
+    let arrived = common::consume(
+        &committed_reader,
+        &f.info,
+        total as usize,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(
+        arrived.len() as u64,
+        total,
+        "{} of {total} arrived: {}",
+        arrived.len(),
+        stage.log()
+    );
+    common::wait_for_committed_end(&settings, &f.group, &f.create, Duration::from_secs(60)).await;
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+    // Everything a read_committed reader can ever see: anything more than `total` is a duplicate.
+    let outputs = common::read_to_end(&committed_reader, &f.info);
     let distinct: HashSet<u64> = seqs(&outputs).into_iter().map(|(_, seq)| seq).collect();
     assert_eq!(distinct.len() as u64, total, "every event");
     assert_eq!(
@@ -473,8 +633,6 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
         total,
         "exactly once: no duplicates after kill -9"
     );
-    let (status, log) = stage.terminate();
-    assert!(status.success(), "{log}");
 }
 
 #[tokio::test]
@@ -493,7 +651,7 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
 
     // The first instance alone owns every partition and reports lag for all it has read.
     let first = f.start(&[]);
-    wait_ready(&first).await;
+    first.wait_ready().await;
     common::produce_all(&settings, &f.create, &records[..1_000]).await;
     assert_eq!(
         common::consume(&settings, &f.info, 1_000, Duration::from_secs(60))
@@ -505,7 +663,7 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
 
     // A second instance joins: the first's lag series for the partitions it lost disappear.
     let second = f.start(&[]);
-    wait_ready(&second).await;
+    second.wait_ready().await;
     common::produce_all(&settings, &f.create, &records[1_000..20_000]).await;
     let halfway = common::consume(&settings, &f.info, 20_000, Duration::from_secs(60)).await;
     assert_eq!(halfway.len(), 20_000);
@@ -524,11 +682,13 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
     assert!(status.success(), "{first_log}");
     sending.await.unwrap();
 
-    let outputs =
+    let arrived =
         common::consume(&settings, &f.info, total as usize, Duration::from_secs(120)).await;
-    let extra = common::consume_until_quiet(&settings, &f.info, Duration::from_secs(3)).await;
+    assert_eq!(arrived.len() as u64, total, "{}", second.log());
+    common::wait_for_committed_end(&settings, &f.group, &f.create, Duration::from_secs(60)).await;
     let (status, second_log) = second.terminate();
     assert!(status.success(), "{second_log}");
+    let outputs = common::read_to_end(&settings, &f.info);
     let consumed_by = |log: &str| -> u64 {
         log.lines()
             .find_map(|l| l.strip_prefix("dispatch stopped: consumed "))
@@ -542,11 +702,6 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
         "both instances worked: {by_first} / {by_second}"
     );
 
-    assert_eq!(
-        extra.len(),
-        outputs.len(),
-        "re-reading the topic finds nothing more"
-    );
     let distinct: HashSet<u64> = seqs(&outputs).into_iter().map(|(_, seq)| seq).collect();
     assert_eq!(distinct.len() as u64, total, "every event arrived");
     assert_eq!(
@@ -558,53 +713,27 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
 }
 
 /// The (topic, partition) pairs with a consumer-lag series in a /metrics text.
-fn lag_partitions(metrics: &str) -> HashSet<(String, String)> {
-    metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("eventpipe_dispatch_consumer_lag_messages{"))
-        .filter_map(|rest| {
-            let labels = rest.split('}').next()?;
-            let label = |name: &str| {
-                labels
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                    .map(|v| v.trim_end_matches('"').to_string())
-            };
-            Some((label("topic")?, label("partition")?))
-        })
+fn lag_partitions(metrics: &str) -> HashSet<(String, i32)> {
+    common::lag_series(metrics, "eventpipe_dispatch_consumer_lag_messages")
+        .into_keys()
         .collect()
 }
 
-async fn wait_ready(stage: &StageProcess) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while stage.ready_status().await != Some(200) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not ready: {}",
-            stage.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits (20 s at most) until the stages' lag series satisfy `done`.
+/// Waits (30 s at most) until the stages' lag series satisfy `done`.
 async fn wait_for_lag_series(
     stages: &[&StageProcess],
-    done: impl Fn(&[HashSet<(String, String)>]) -> bool,
+    done: impl Fn(&[HashSet<(String, i32)>]) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    common::wait_until(Duration::from_secs(30), "the lag series", async || {
         let mut owned = Vec::new();
         for stage in stages {
             owned.push(lag_partitions(&stage.metrics().await));
         }
         if done(&owned) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{owned:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "lag series: {owned:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await
 }

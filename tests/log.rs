@@ -40,9 +40,25 @@ impl Fixture {
         format!("{}-*", self.prefix)
     }
 
+    fn group(&self) -> String {
+        format!("{}-group", self.topic)
+    }
+
+    /// Waits until the stage committed the whole input topic: every record is indexed or
+    /// dead-lettered (offsets are committed only behind that).
+    async fn wait_until_all_handled(&self) {
+        common::wait_for_committed_end(
+            &self.settings,
+            &self.group(),
+            &self.topic,
+            Duration::from_secs(90),
+        )
+        .await;
+    }
+
     fn start(&self, extra: &[&str], env: &[(&str, &str)]) -> StageProcess {
         let pattern = format!("{}-%Y.%m.%d", self.prefix);
-        let group = format!("{}-group", self.topic);
+        let group = self.group();
         let mut args = vec![
             "log",
             "--input-topic",
@@ -167,8 +183,9 @@ async fn every_event_becomes_one_document_searchable_like_in_kibana() {
     let indices = f.indices();
     let indexed = es::wait_for_count(&f.settings, &indices, n, Duration::from_secs(90)).await;
     assert_eq!(indexed, n, "stage log:\n{}", stage.log());
-    // Nothing more arrives later: exactly one document per event.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing more arrives later: once the stage committed every record, exactly one document
+    // per event.
+    f.wait_until_all_handled().await;
     let total = es::count(&f.settings, &indices, json!({"match_all": {}})).await;
     assert_eq!(total, n);
 
@@ -341,8 +358,8 @@ async fn poison_goes_to_the_dead_letter_topic_with_the_reason_while_the_rest_is_
     let garbage = common::headers(by_key["garbage"]);
     assert_eq!(garbage["eventpipe.error.kind"], "malformed_json");
 
-    // Still exactly the good ones once everything settled.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Still exactly the good ones once the stage committed every record.
+    f.wait_until_all_handled().await;
     assert_eq!(
         es::count(&f.settings, &f.indices(), json!({"match_all": {}})).await,
         n
@@ -448,37 +465,118 @@ async fn avro_events_are_indexed_and_bad_avro_is_dead_lettered() {
     assert!(status.success(), "{log}");
 }
 
+/// Documents whose Kafka offset is at or above its partition's entry in `committed`: what a
+/// restart from those offsets reads again.
+fn at_or_beyond(committed: &BTreeMap<i32, i64>) -> Value {
+    let per_partition: Vec<Value> = committed
+        .iter()
+        .map(|(p, o)| {
+            json!({"bool": {"filter": [
+                {"term": {"kafka.partition": p}},
+                {"range": {"kafka.offset": {"gte": o}}}
+            ]}})
+        })
+        .collect();
+    json!({"bool": {"should": per_partition, "minimum_should_match": 1}})
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_logger_restarts_without_duplicates() {
     let f = Fixture::new("log-kill").await;
     let events = events(2000);
     es::produce_records(&f.settings, &f.topic, &records(&events)).await;
     let n = events.len() as u64;
+    let group = f.group();
+    let indices = f.indices();
     // Small batches make the run long enough to kill it in the middle.
     let small = ["--batch-size", "20"];
     // A short session timeout lets the group notice the killed member quickly.
     let fast_failover = [("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000")];
     let first = f.start(&small, &fast_failover);
-    let before =
-        es::wait_for_count(&f.settings, &f.indices(), n / 10, Duration::from_secs(90)).await;
+    let before = es::wait_for_count(&f.settings, &indices, n / 10, Duration::from_secs(90)).await;
+    assert!(before >= n / 10, "{}", first.log());
+    // Crash at a moment when Elasticsearch holds documents past the committed offsets (indexed,
+    // not yet committed), so the restart must deliver them again: freeze the stage, look, and
+    // kill it frozen, or let it run on and look again.
+    common::wait_until(
+        Duration::from_secs(60),
+        "documents indexed beyond the committed offsets",
+        async || {
+            first.freeze();
+            let committed = common::committed_offsets(&f.settings, &group, &f.topic);
+            let beyond = es::count(&f.settings, &indices, at_or_beyond(&committed)).await;
+            if beyond > 0 {
+                return Ok(());
+            }
+            first.resume();
+            Err(format!("committed {committed:?}, nothing indexed beyond"))
+        },
+    )
+    .await;
     let first_log = first.kill9();
-    assert!(before >= n / 10, "{first_log}");
-    let at_kill = es::count(&f.settings, &f.indices(), json!({"match_all": {}})).await;
-    eprintln!("killed with {at_kill} of {n} documents indexed");
+    // Once the killed member expired nothing commits for the group any more: the restart
+    // starts from these offsets.
+    common::wait_for_empty_group(&f.settings, &group, Duration::from_secs(60)).await;
+    let committed = common::committed_offsets(&f.settings, &group, &f.topic);
+    let end = common::end_offsets(&f.settings, &f.topic);
+    let replayed: i64 = end.iter().map(|(p, e)| e - committed[p]).sum();
+    let beyond = es::count(&f.settings, &indices, at_or_beyond(&committed)).await;
+    let at_kill = es::count(&f.settings, &indices, json!({"match_all": {}})).await;
+    eprintln!(
+        "killed with {at_kill} of {n} documents indexed, {beyond} of them past the committed \
+         offsets {committed:?}; the restart reads {replayed} records again"
+    );
+    assert!(beyond > 0, "{first_log}");
 
     let second = f.start(&small, &fast_failover);
-    let indexed = es::wait_for_count(&f.settings, &f.indices(), n, Duration::from_secs(120)).await;
-    assert_eq!(indexed, n, "{}", second.log());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Done when it committed the end and accounted for every record it read: each is a new
+    // document (`indexed`) or an answered 409 (`already_indexed`), exactly once.
+    let counters = async || {
+        let metrics = second.metrics().await;
+        let counter = |name| common::metric_value(&metrics, name, &[]).unwrap_or(0.0) as i64;
+        (
+            counter("eventpipe_log_indexed_total"),
+            counter("eventpipe_log_already_indexed_total"),
+        )
+    };
+    common::wait_until(
+        Duration::from_secs(120),
+        "the restart to handle every record it read",
+        async || {
+            let (indexed, already) = counters().await;
+            let at = common::committed_offsets(&f.settings, &group, &f.topic);
+            if at == end && indexed + already >= replayed {
+                Ok(())
+            } else {
+                Err(format!(
+                    "committed {at:?} of {end:?}, {indexed} indexed + {already} already indexed \
+                     of {replayed}:\n{}",
+                    second.log()
+                ))
+            }
+        },
+    )
+    .await;
+    let (indexed, already) = counters().await;
+    eprintln!("the restart indexed {indexed} and answered 409 for {already}");
     assert_eq!(
-        es::count(&f.settings, &f.indices(), json!({"match_all": {}})).await,
+        es::count(&f.settings, &indices, json!({"match_all": {}})).await,
         n,
-        "no duplicates"
+        "exactly one document per event"
     );
-    let metrics = second.metrics().await;
-    let replayed =
-        common::metric_value(&metrics, "eventpipe_log_already_indexed_total", &[]).unwrap_or(0.0);
-    eprintln!("replayed after the crash and answered 409: {replayed}");
+    assert!(
+        already > 0,
+        "the restart re-delivered records, and Elasticsearch answered 409 for them"
+    );
+    assert!(
+        already >= beyond as i64,
+        "each of the {beyond} documents past the committed offsets came back as a 409"
+    );
+    assert_eq!(
+        indexed + already,
+        replayed,
+        "each record read again counted once, as new or already indexed"
+    );
     let (status, log) = second.terminate();
     assert!(status.success(), "{log}");
 }

@@ -1,14 +1,111 @@
-//! Observability on the real stack: the three stages run on the ports the local Prometheus
-//! scrapes (19464-19466), fed with good and bad traffic; then every query of every Grafana
-//! dashboard is evaluated through Prometheus's HTTP API and must return data.
-//! Uses fixed ports: stop `scripts/demo` first (`scripts/demo stop`).
+//! Observability on the real stack: the three stages run fed with good and bad traffic, scraped
+//! by a Prometheus running deploy/prometheus.yml; every query of every Grafana dashboard is
+//! evaluated through Prometheus's HTTP API and must return data.
+//!
+//! The stages bind their own ports (see `common::StageProcess`), so the Prometheus is the
+//! test's own: the stack's binary with deploy/prometheus.yml as it is, except that the three
+//! stage targets point at the ports the stages bound and the rule files are found from the
+//! repository. It binds its own port too. Nothing is fixed, so the test runs next to
+//! `scripts/demo` or another run of itself, and only its own stages can answer the queries.
 
 mod common;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::StageProcess;
 use serde_json::{json, Value};
+
+/// A Prometheus process of this test, with its own configuration, data and port.
+struct Prometheus {
+    child: std::process::Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Prometheus {
+    /// deploy/prometheus.yml with `targets` (default target → address) replaced.
+    fn config(targets: &[(&str, SocketAddr)]) -> String {
+        let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+        let mut config = std::fs::read_to_string(format!("{deploy}/prometheus.yml")).unwrap();
+        let mut replace = |from: String, to: String| {
+            assert_eq!(
+                config.matches(&from).count(),
+                1,
+                "deploy/prometheus.yml has {from} once"
+            );
+            config = config.replace(&from, &to);
+        };
+        for (default, address) in targets {
+            replace(format!("\"{default}\""), format!("\"{address}\""));
+        }
+        replace(
+            "- prometheus/rules/*.yml".into(),
+            format!("- {deploy}/prometheus/rules/*.yml"),
+        );
+        config
+    }
+
+    async fn start(targets: &[(&str, SocketAddr)]) -> Prometheus {
+        let dir = std::env::temp_dir().join(common::unique("prometheus"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(&config, Self::config(targets)).unwrap();
+        let log_path = dir.join("prometheus.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus is installed by scripts/stack");
+        let mut prometheus = Prometheus {
+            child,
+            dir,
+            url: String::new(),
+        };
+        // `msg="Listening on" address=127.0.0.1:41234`: the port the kernel gave it.
+        let address: SocketAddr = common::wait_until(
+            Duration::from_secs(60),
+            "Prometheus to listen",
+            async || {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                log.lines()
+                    .filter(|l| l.contains("msg=\"Listening on\""))
+                    .find_map(|l| l.rsplit_once("address=")?.1.trim().parse().ok())
+                    .ok_or(log)
+            },
+        )
+        .await;
+        prometheus.url = format!("http://{address}");
+        let ready = format!("{}/-/ready", prometheus.url);
+        common::wait_until(
+            Duration::from_secs(60),
+            &ready,
+            async || match reqwest::get(&ready).await {
+                Ok(response) if response.status().is_success() => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await;
+        prometheus
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// Every Prometheus expression in deploy/grafana/dashboards, with where it comes from.
 fn dashboard_queries() -> Vec<(String, String)> {
@@ -56,8 +153,6 @@ async fn prometheus_query(prometheus: &str, expr: &str) -> Vec<Value> {
 #[tokio::test]
 async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
     let settings = common::settings();
-    let prometheus =
-        std::env::var("PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:19090".into());
     let base = common::unique("observe");
     let (create, info, events, aggregated) = (
         format!("{base}-create"),
@@ -86,7 +181,7 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
             "--group-id",
             &format!("{base}-d"),
         ],
-        &[("EVENTPIPE_METRICS_ADDRESS", "127.0.0.1:19464")],
+        &[],
     );
     let log = StageProcess::start(
         &[
@@ -100,10 +195,7 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
             "--template-name",
             &base,
         ],
-        &[
-            ("EVENTPIPE_METRICS_ADDRESS", "127.0.0.1:19465"),
-            ("ELASTICSEARCH_URL", settings.elasticsearch_url.as_str()),
-        ],
+        &[("ELASTICSEARCH_URL", settings.elasticsearch_url.as_str())],
     );
     let aggregate = StageProcess::start(
         &[
@@ -117,28 +209,24 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
             "--idle-timeout-ms",
             "1000",
         ],
-        &[
-            ("EVENTPIPE_METRICS_ADDRESS", "127.0.0.1:19466"),
-            ("STORAGE_TYPE", "kafka"),
-            ("AGGREGATION_INTERVAL", "1"),
-        ],
+        &[("STORAGE_TYPE", "kafka"), ("AGGREGATION_INTERVAL", "1")],
     );
     for stage in [&dispatch, &log, &aggregate] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while stage.ready_status().await != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "stage not ready:\n{}",
-                stage.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        stage.wait_ready().await;
     }
+    // The targets deploy/prometheus.yml names for the stages, now where they listen.
+    let prometheus = Prometheus::start(&[
+        ("127.0.0.1:19464", dispatch.metrics_address().await),
+        ("127.0.0.1:19465", log.metrics_address().await),
+        ("127.0.0.1:19466", aggregate.metrics_address().await),
+    ])
+    .await;
 
-    // Traffic for a while, good and bad, so rates have two samples and every series exists.
-    let started = Instant::now();
+    // Traffic, good and bad, until every dashboard query returns data: rates need two scrapes
+    // of a series (scrape interval 5 s), and every series must exist.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut round = 0u64;
-    while started.elapsed() < Duration::from_secs(25) {
+    let empty = loop {
         let now = chrono::Utc::now();
         let mut envelopes: Vec<(String, Vec<u8>)> = (0..50)
             .map(|i| {
@@ -164,19 +252,25 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         samples.push(("bad".into(), br#"{"name":"cpu","function":"median_of_medians","value":1,"timestamp":"2024-01-01T00:00:00Z"}"#.to_vec()));
         common::produce_all(&settings, &events, &samples).await;
         round += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    // Two more scrapes after the last traffic (scrape interval 5 s).
-    tokio::time::sleep(Duration::from_secs(11)).await;
 
+        let mut empty = Vec::new();
+        for (panel, expr) in dashboard_queries() {
+            if prometheus_query(&prometheus.url, &expr).await.is_empty() {
+                empty.push(format!("{panel}: {expr}"));
+            }
+        }
+        if empty.is_empty() || Instant::now() > deadline {
+            break empty;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    eprintln!(
+        "{} queries without data after {round} rounds of traffic",
+        empty.len()
+    );
     for stage in [&dispatch, &log, &aggregate] {
         common::assert_promtool_accepts(&stage.metrics().await);
-    }
-    let mut empty = Vec::new();
-    for (panel, expr) in dashboard_queries() {
-        if prometheus_query(&prometheus, &expr).await.is_empty() {
-            empty.push(format!("{panel}: {expr}"));
-        }
     }
     let logs = format!(
         "dispatch:\n{}\nlog:\n{}\naggregate:\n{}",
@@ -186,7 +280,7 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
     );
     assert!(
         empty.is_empty(),
-        "queries without data:\n{}\n\n{logs}",
+        "queries without data after {round} rounds of traffic:\n{}\n\n{logs}",
         empty.join("\n")
     );
     for stage in [dispatch, log, aggregate] {

@@ -2,17 +2,20 @@
 //! fresh, uniquely named topics, consumer groups, databases and indices for every test.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use eventpipe::config::{Settings, SettingsArgs};
 use eventpipe::kafka::client::{create_client, wait_for_broker};
 use eventpipe::kafka::{ClientKind, PipelineContext};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
 
 /// Settings as the stages would see them with `eval "$(scripts/stack env)"`.
 pub fn settings() -> Settings {
@@ -34,6 +37,30 @@ pub fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{}", std::process::id(), nanos % 10_000_000_000)
+}
+
+/// How often `wait_until` looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Polls `probe` until it returns `Ok`, and returns that value; panics naming `what` and the
+/// last `Err` (what was seen instead) once `timeout` passed. The timeout only bounds a hang: a
+/// test waits for a condition, never for a time.
+pub async fn wait_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for {what}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 /// Creates a topic and waits until its metadata shows every partition with a leader.
@@ -120,22 +147,150 @@ pub async fn consume(
     messages
 }
 
-/// Reads everything that arrives until `quiet` passes with no new message.
-pub async fn consume_until_quiet(
-    settings: &Settings,
-    topic: &str,
-    quiet: Duration,
-) -> Vec<OwnedMessage> {
-    let consumer = consumer(settings, topic);
-    let mut messages = Vec::new();
-    while let Ok(received) = tokio::time::timeout(quiet, consumer.recv()).await {
-        messages.push(
-            received
-                .unwrap_or_else(|e| panic!("consuming {topic}: {e}"))
-                .detach(),
-        );
+/// A consumer that never joins a group (it is only asked about offsets, or assigned partitions):
+/// `group` is the group whose committed offsets it reads, or a fresh one.
+fn plain_consumer(settings: &Settings, group: Option<&str>) -> BaseConsumer<PipelineContext> {
+    let mut kafka = settings.kafka.clone();
+    kafka.properties.insert(
+        "group.id".into(),
+        group.map_or_else(|| unique("test-group"), str::to_string),
+    );
+    create_client(&kafka, ClientKind::Consumer, PipelineContext::default()).unwrap()
+}
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn partitions(consumer: &BaseConsumer<PipelineContext>, topic: &str) -> Vec<i32> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    assert!(!partitions.is_empty(), "{topic} has partitions");
+    partitions
+}
+
+/// Each partition's end offset (high watermark): the offset the next record will get.
+pub fn end_offsets(settings: &Settings, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer = plain_consumer(settings, None);
+    partitions(&consumer, topic)
+        .into_iter()
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
+                .unwrap_or_else(|e| panic!("watermarks of {topic}[{p}]: {e}"));
+            (p, high)
+        })
+        .collect()
+}
+
+/// The offsets `group` committed on `topic`, per partition; 0 where it committed nothing (the
+/// tests' topics are fresh, and the stages reset to the earliest offset: where they would start).
+pub fn committed_offsets(settings: &Settings, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    let consumer = plain_consumer(settings, Some(group));
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions(&consumer, topic) {
+        tpl.add_partition(topic, p);
     }
-    messages
+    let committed = consumer
+        .committed_offsets(tpl, KAFKA_TIMEOUT)
+        .unwrap_or_else(|e| panic!("committed offsets of {group} on {topic}: {e}"));
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => (e.partition(), o),
+            _ => (e.partition(), 0),
+        })
+        .collect()
+}
+
+/// Waits until `group` committed every record of `topic`: the stage consuming it has finished
+/// all of it (offsets are committed only behind completed work).
+pub async fn wait_for_committed_end(
+    settings: &Settings,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) {
+    let end = end_offsets(settings, topic);
+    wait_until(
+        timeout,
+        &format!("{group} to commit the end of {topic} {end:?}"),
+        async || {
+            let committed = committed_offsets(settings, group, topic);
+            if committed == end {
+                Ok(())
+            } else {
+                Err(format!("{committed:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until `group` has no member (a killed one is expired by its session timeout): from then
+/// on nothing commits for the group, so its committed offsets are the ones a restart starts at.
+pub async fn wait_for_empty_group(settings: &Settings, group: &str, timeout: Duration) {
+    let consumer = plain_consumer(settings, None);
+    wait_until(timeout, &format!("group {group} to be empty"), async || {
+        let list = consumer
+            .fetch_group_list(Some(group), KAFKA_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        match list.groups().iter().find(|g| g.name() == group) {
+            Some(g) if !g.members().is_empty() => Err(format!(
+                "state {}, {} member(s)",
+                g.state(),
+                g.members().len()
+            )),
+            _ => Ok(()),
+        }
+    })
+    .await
+}
+
+/// Every record of `topic` up to its end offsets as they are now, in partition order: the
+/// topic's whole content, not "what arrived before a quiet period". Read with `settings`'
+/// isolation level; positions (not counts) decide the end, so transaction markers are skipped.
+pub fn read_to_end(settings: &Settings, topic: &str) -> Vec<OwnedMessage> {
+    let end = end_offsets(settings, topic);
+    let consumer = plain_consumer(settings, None);
+    let mut tpl = TopicPartitionList::new();
+    for p in end.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut messages = Vec::new();
+    loop {
+        let position = consumer.position().unwrap();
+        let done = end.iter().all(|(p, high)| {
+            *high == 0
+                || matches!(
+                    position.find_partition(topic, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(at)) if at >= *high
+                )
+        });
+        if done {
+            messages.retain(|m: &OwnedMessage| m.offset() < end[&m.partition()]);
+            return messages;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to {end:?}: at {position:?} after {} records",
+            messages.len()
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => messages.push(message.detach()),
+            Some(Err(error)) => eprintln!("transient consumer error (retrying): {error}"),
+            None => {}
+        }
+    }
 }
 
 /// The message's headers as a map of UTF-8 strings.
@@ -219,20 +374,34 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A free loopback port for a child's telemetry endpoint.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// What a stage logs (at info, target `eventpipe::telemetry`) once its endpoint is bound.
+const SERVING: &str = "serving /metrics, /health and /ready";
+
+/// The address in a stage's "serving /metrics" log line, text (`address=127.0.0.1:41234`) or
+/// JSON (`"address":"127.0.0.1:41234"`) format.
+fn served_address(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains(SERVING))
+        .find_map(|line| {
+            let (_, rest) = line
+                .split_once("address=")
+                .or_else(|| line.split_once("\"address\":\""))?;
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')))
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
 }
 
 /// An `eventpipe` stage running as a child process, its stderr captured to a file.
+///
+/// Its telemetry endpoint is bound by the child itself on `127.0.0.1:0` and found in its log:
+/// the kernel hands every stage its own port, so no two tests (or processes) can race for one,
+/// as they could when the test picked a free port and the child bound it later.
 pub struct StageProcess {
-    child: std::process::Child,
+    child: Mutex<std::process::Child>,
     pub log_path: PathBuf,
-    pub metrics_port: u16,
+    address: OnceLock<SocketAddr>,
 }
 
 impl StageProcess {
@@ -240,12 +409,6 @@ impl StageProcess {
     pub fn start(args: &[&str], extra_env: &[(&str, &str)]) -> StageProcess {
         use std::process::{Command, Stdio};
         let settings = settings();
-        // A caller may pin the telemetry address (e.g. a port Prometheus scrapes).
-        let metrics_port = extra_env
-            .iter()
-            .find(|(name, _)| *name == "EVENTPIPE_METRICS_ADDRESS")
-            .and_then(|(_, address)| address.rsplit(':').next()?.parse().ok())
-            .unwrap_or_else(free_port);
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("stage")));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(eventpipe_bin());
@@ -253,21 +416,23 @@ impl StageProcess {
             .args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("KAFKA_BOOTSTRAP_SERVERS", &settings.kafka.bootstrap_servers)
-            .env(
-                "EVENTPIPE_METRICS_ADDRESS",
-                format!("127.0.0.1:{metrics_port}"),
-            )
+            .env("EVENTPIPE_METRICS_ADDRESS", "127.0.0.1:0")
             .env("EVENTPIPE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         for (name, value) in extra_env {
-            command.env(name, value);
+            if *name == "EVENTPIPE_LOG" {
+                // The bound address is found in the telemetry line: keep it whatever the filter.
+                command.env(name, format!("{value},eventpipe::telemetry=info"));
+            } else {
+                command.env(name, value);
+            }
         }
         StageProcess {
-            child: command.spawn().expect("eventpipe starts"),
+            child: Mutex::new(command.spawn().expect("eventpipe starts")),
             log_path,
-            metrics_port,
+            address: OnceLock::new(),
         }
     }
 
@@ -275,18 +440,63 @@ impl StageProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    fn child(&self) -> std::sync::MutexGuard<'_, std::process::Child> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child().id().to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// The telemetry endpoint's address, once the stage logged it.
+    pub fn try_metrics_address(&self) -> Option<SocketAddr> {
+        if let Some(address) = self.address.get() {
+            return Some(*address);
+        }
+        let address = served_address(&self.log())?;
+        Some(*self.address.get_or_init(|| address))
+    }
+
+    /// The telemetry endpoint's address; waits for the stage to bind it (30 s at most), and
+    /// fails at once if the stage exited instead.
+    pub async fn metrics_address(&self) -> SocketAddr {
+        wait_until(
+            Duration::from_secs(30),
+            "the stage's telemetry endpoint",
+            async || {
+                if let Some(address) = self.try_metrics_address() {
+                    return Ok(address);
+                }
+                if let Some(status) = self.child().try_wait().unwrap() {
+                    panic!(
+                        "stage exited ({status}) before serving /metrics:\n{}",
+                        self.log()
+                    );
+                }
+                Err(format!(
+                    "no {SERVING:?} line in the log yet:\n{}",
+                    self.log()
+                ))
+            },
+        )
+        .await
+    }
+
     /// SIGTERM, then waits for a graceful exit; returns the exit status.
-    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+    pub fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.child().try_wait().unwrap() {
                 return (status, self.log());
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
+                let _ = self.child().kill();
                 panic!(
                     "stage did not stop within 60s after SIGTERM:\n{}",
                     self.log()
@@ -297,42 +507,64 @@ impl StageProcess {
     }
 
     /// SIGKILL: no drain, no commit, as a crash.
-    pub fn kill9(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn kill9(self) -> String {
+        {
+            let mut child = self.child();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         self.log()
+    }
+
+    /// SIGSTOP: the stage stops where it is (no more commits, no more requests) until `resume`
+    /// or `kill9`; a test can then look at the state a crash at this moment would leave.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
     }
 
     /// The Prometheus text of the stage's /metrics, once it answers.
     pub async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = reqwest::get(&url).await {
-                if response.status().is_success() {
-                    return response.text().await.unwrap();
-                }
+        let url = format!("http://{}/metrics", self.metrics_address().await);
+        wait_until(Duration::from_secs(30), &url, async || {
+            let response = reqwest::get(&url).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("status {}:\n{}", response.status(), self.log()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "no /metrics at {url}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            response.text().await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Readiness status code of /ready (None until the endpoint answers).
     pub async fn ready_status(&self) -> Option<u16> {
-        let url = format!("http://127.0.0.1:{}/ready", self.metrics_port);
+        let url = format!("http://{}/ready", self.try_metrics_address()?);
         reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+    }
+
+    /// Waits until /ready answers 200 (60 s at most).
+    pub async fn wait_ready(&self) {
+        wait_until(
+            Duration::from_secs(60),
+            "the stage to be ready",
+            async || match self.ready_status().await {
+                Some(200) => Ok(()),
+                other => Err(format!("/ready {other:?}:\n{}", self.log())),
+            },
+        )
+        .await
     }
 }
 
 impl Drop for StageProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -345,6 +577,55 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find(|l| labels.iter().all(|label| l.contains(label)))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The series of a per-partition lag gauge (`<stage>_consumer_lag_messages`): the partitions
+/// the stage owns and fetches, with their lag.
+pub fn lag_series(metrics: &str, metric: &str) -> BTreeMap<(String, i32), i64> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(metric)?.strip_prefix('{'))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            };
+            Some((
+                (label("topic")?, label("partition")?.parse().ok()?),
+                value.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Produces records, each to the partition given, and waits for every delivery report.
+pub async fn produce_to_partitions(
+    settings: &Settings,
+    topic: &str,
+    records: &[(i32, String, Vec<u8>)],
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer<PipelineContext> = create_client(
+        &settings.kafka,
+        ClientKind::Producer,
+        PipelineContext::default(),
+    )
+    .unwrap();
+    for (partition, key, value) in records {
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition(*partition)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice()),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}[{partition}]: {e}"));
+    }
 }
 
 /// Produces records (key, value, headers) and waits for every delivery report.
