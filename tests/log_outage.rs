@@ -111,7 +111,8 @@ async fn elasticsearch_down_for_30_seconds_loses_and_duplicates_nothing() {
     let n = total as u64;
     let indexed = es::wait_for_count(&settings, &indices, n, Duration::from_secs(180)).await;
     assert_eq!(indexed, n, "{}", stage.log());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every record acknowledged: nothing left that a late retry could index twice.
+    common::wait_for_committed_end(&settings, &group, &topic, Duration::from_secs(60)).await;
     assert_eq!(
         es::count(&settings, &indices, json!({"match_all": {}})).await,
         n,

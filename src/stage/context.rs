@@ -1,7 +1,7 @@
 //! The consumer context of every stage: librdkafka's logs into `tracing`, consumer lag into a
 //! gauge, commit confirmations into the committer, and rebalances into the offset policy's drain.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub revoked: AtomicBool,
     /// Set once the final commit is done: a revocation while closing must not wait again.
     pub closing: AtomicBool,
+    /// Bumped on every assignment change, so the loop re-syncs its merge buffers.
+    pub assignment_generation: AtomicU64,
 }
 
 pub(crate) struct StageContext {
@@ -58,6 +60,9 @@ impl ConsumerContext for StageContext {
         let stage = self.shared.stage;
         match rebalance {
             Rebalance::Revoke(partitions) => {
+                self.shared
+                    .assignment_generation
+                    .fetch_add(1, Ordering::AcqRel);
                 tracing::info!(stage, partitions = %describe(partitions), "partitions revoked");
                 lag::forget(partitions);
                 self.revoke(consumer, partitions);
@@ -65,6 +70,9 @@ impl ConsumerContext for StageContext {
             // Before librdkafka starts fetching, so no record arrives for a partition whose
             // state is not restored yet.
             Rebalance::Assign(partitions) => {
+                self.shared
+                    .assignment_generation
+                    .fetch_add(1, Ordering::AcqRel);
                 tracing::info!(stage, partitions = %describe(partitions), "partitions assigned");
                 self.assign(consumer, partitions);
             }

@@ -1,8 +1,8 @@
 //! The one loop every stage runs in: connect, subscribe, feed records to the stage in order,
 //! produce what it returns, commit by the offset policy, and drain on revocation and on stop.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::ack::{lock, AckTracker, PartitionId};
 use super::commit::Committer;
 use super::context::{cap_below, Shared, StageContext};
+use super::merge::{Merger, Next};
 use super::output::{self, Deliveries, Delivery, DeliveryContext, OutputProducer, SendError};
 use super::{
     dead_letter, Checkpoint, DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy,
@@ -36,6 +37,11 @@ const DEAD_LETTER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const DEAD_LETTER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Blocking transaction calls give up after this (librdkafka's own bound).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an empty input partition that has more to deliver may hold back the records of its
+/// co-partitioned topics (Kafka Streams' `max.task.idle.ms`).
+const MERGE_MAX_IDLE: Duration = Duration::from_millis(100);
+/// Records buffered for the merge at most; past it the oldest head goes regardless.
+const MERGE_MAX_BUFFERED: usize = 10_000;
 /// Room above `max_record_bytes` for a dead letter's headers.
 const DEAD_LETTER_HEADROOM: usize = 16 * 1024;
 
@@ -134,6 +140,7 @@ pub async fn run<S: Stage>(
         drain_timeout: spec.drain_timeout,
         revoked: AtomicBool::new(false),
         closing: AtomicBool::new(false),
+        assignment_generation: AtomicU64::new(0),
     });
     let mut consumer_config = client_config(kafka, ClientKind::Consumer);
     consumer_config.set("group.id", &spec.group_id);
@@ -174,6 +181,7 @@ pub async fn run<S: Stage>(
     };
     let mut stage = build(io);
     let spec_name = spec.name;
+    let spec_inputs = spec.inputs.clone();
     let mut driver = Driver {
         max_dead_letter_bytes: spec.max_record_bytes + DEAD_LETTER_HEADROOM,
         spec,
@@ -183,7 +191,9 @@ pub async fn run<S: Stage>(
         deliveries,
         topics: HashMap::new(),
         held: None,
-        deferred: VecDeque::new(),
+        merging: driver_merges(&spec_inputs),
+        merger: Merger::new(MERGE_MAX_IDLE, MERGE_MAX_BUFFERED),
+        assignment_generation: 0,
         paused: None,
         transaction: None,
         dead_letter_backoff: DEAD_LETTER_FIRST_BACKOFF,
@@ -261,6 +271,47 @@ fn warn_unless_co_partitioned(spec: &StageSpec, metadata: &rdkafka::metadata::Me
     }
 }
 
+/// Several topics (named, or a pattern's matches) are merged per partition number.
+fn driver_merges(inputs: &InputTopics) -> bool {
+    match inputs {
+        InputTopics::Names(names) => names.len() > 1,
+        InputTopics::Pattern(_) => true,
+    }
+}
+
+/// Whether an empty partition has nothing more to deliver: the next offset after the last
+/// record received reaches the high watermark librdkafka last saw in a fetch (no network call).
+fn caught_up(
+    consumer: &StreamConsumer<StageContext>,
+    topic: &str,
+    partition: i32,
+    next_offset: Option<i64>,
+) -> bool {
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return true;
+    };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer lives as long as `consumer`; the topic is a valid C string;
+    // librdkafka only reads its cached offsets and writes the two out-parameters.
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if error != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
+        return false;
+    }
+    match next_offset {
+        Some(next) => next >= high,
+        // Nothing received since the assignment: caught up only if the partition is empty.
+        None => high <= low,
+    }
+}
+
 /// Runs a blocking librdkafka call off the async worker where the runtime allows it.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     let multi_threaded = tokio::runtime::Handle::try_current()
@@ -300,8 +351,13 @@ struct Driver {
     deliveries: Arc<Deliveries>,
     topics: HashMap<String, Arc<str>>,
     held: Option<Held>,
-    /// Records that arrived while the assignment was being paused; handled before new ones.
-    deferred: VecDeque<OwnedMessage>,
+    /// Several input topics: records go through the timestamp merge per partition number.
+    merging: bool,
+    /// The merge buffers; for a single input topic, the in-order queue of records that arrived
+    /// while a record was held.
+    merger: Merger<OwnedMessage>,
+    /// The context's assignment generation the merge buffers were last synced with.
+    assignment_generation: u64,
     /// The paused assignment, while a dependency is down.
     paused: Option<TopicPartitionList>,
     transaction: Option<Transaction>,
@@ -343,14 +399,36 @@ impl Driver {
         let mut tick = tokio::time::interval(self.spec.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let retry_at = self.held.as_ref().map_or_else(
-                || Instant::now() + Duration::from_secs(3600),
-                |h| h.retry_at,
-            );
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            self.sync_assignment();
+            // What the merge (or the queue of records that arrived while paused) lets go now.
+            let mut wake = None;
+            if self.held.is_none() {
+                match self.merger.next(Instant::now(), |topic, partition, next| {
+                    caught_up(&self.consumer, topic, partition, next)
+                }) {
+                    Next::Record(message) => {
+                        self.first_attempt(stage, message).await?;
+                        if futures::FutureExt::now_or_never(tick.tick()).is_some() {
+                            self.on_tick(stage).await?;
+                        }
+                        continue;
+                    }
+                    Next::WaitUntil(at) => wake = Some(at),
+                    Next::Empty => {}
+                }
+            }
+            let retry_at = self
+                .held
+                .as_ref()
+                .map_or_else(|| Instant::now() + Duration::from_secs(3600), |h| h.retry_at);
             // With a record held, new records are taken only once the assignment is paused
             // (they are then the few already fetched, kept in order): polling must go on so
             // the group keeps this member.
-            let take_records = self.held.is_none() || self.paused.is_some();
+            let take_records =
+                (self.held.is_none() || self.paused.is_some()) && !self.merger.is_full();
             // Its own handle: a received record borrows the consumer, not the driver.
             let consumer = self.consumer.clone();
             tokio::select! {
@@ -360,6 +438,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(retry_at), if self.held.is_some() => {
                     self.retry_held(stage).await?;
                 }
+                _ = tokio::time::sleep_until(wake.unwrap_or(retry_at)), if wake.is_some() => {}
                 received = consumer.recv(), if take_records => {
                     let message = match received {
                         Ok(message) => message,
@@ -368,11 +447,15 @@ impl Driver {
                             continue;
                         }
                     };
-                    if self.held.is_some() {
-                        self.deferred.push_back(message.detach());
-                        self.pause();
+                    self.sync_assignment();
+                    if self.merging || self.held.is_some() || self.merger.buffered() > 0 {
+                        self.merger.push(message.detach());
+                        if self.held.is_some() {
+                            self.pause();
+                        }
                         continue;
                     }
+                    // One input topic, nothing queued: straight from librdkafka's buffer.
                     let topic = self.topic(message.topic());
                     let record = Record::from_message(&message, &topic);
                     self.begin(&record);
@@ -385,6 +468,39 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The first attempt at a record taken from the merge: begin its bookkeeping, hand it to the
+    /// stage, and hold it if its dependency is down.
+    async fn first_attempt<S: Stage>(
+        &mut self,
+        stage: &mut S,
+        message: OwnedMessage,
+    ) -> Result<(), StageError> {
+        let topic = self.topic(message.topic());
+        let record = Record::from_message(&message, &topic);
+        self.begin(&record);
+        if let Step::Unavailable { dependency, reason } = self.attempt(stage, &record).await? {
+            drop(record);
+            self.hold(message, dependency, reason);
+        }
+        Ok(())
+    }
+
+    /// After a rebalance, the merge keeps only the assigned partitions' buffers.
+    fn sync_assignment(&mut self) {
+        let generation = self.shared.assignment_generation.load(Ordering::Acquire);
+        if generation == self.assignment_generation {
+            return;
+        }
+        self.assignment_generation = generation;
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        let partitions: Vec<(Arc<str>, i32)> = assignment
+            .elements()
+            .iter()
+            .map(|e| (self.topic(e.topic()), e.partition()))
+            .collect();
+        self.merger.assign(&partitions);
     }
 
     /// Bookkeeping before a record's first attempt: at least once, the handling itself owes
@@ -431,6 +547,8 @@ impl Driver {
         });
     }
 
+    /// Tries the held record again; once it is handled, what arrived meanwhile (queued in the
+    /// merge, in order) goes next.
     async fn retry_held<S: Stage>(&mut self, stage: &mut S) -> Result<(), StageError> {
         let Some(held) = self.held.take() else {
             return Ok(());
@@ -441,36 +559,20 @@ impl Driver {
             Step::Handled => {
                 drop(record);
                 self.resume();
-                // What arrived meanwhile goes first, in order, before new records.
-                while let Some(message) = self.deferred.pop_front() {
-                    let topic = self.topic(message.topic());
-                    let record = Record::from_message(&message, &topic);
-                    self.begin(&record);
-                    if let Step::Unavailable { dependency, reason } =
-                        self.attempt(stage, &record).await?
-                    {
-                        drop(record);
-                        self.hold(message, dependency, reason);
-                        self.pause();
-                        break;
-                    }
-                }
             }
             Step::Unavailable { dependency, reason } => {
                 drop(record);
                 let delay = (held.delay * 2).min(MAX_RETRY);
-                let held = Held {
+                let pause = held.since.elapsed() >= PAUSE_AFTER;
+                self.held = Some(Held {
                     retry_at: Instant::now() + delay,
                     delay,
                     dependency,
                     reason,
                     ..held
-                };
-                if held.since.elapsed() >= PAUSE_AFTER {
-                    self.held = Some(held);
+                });
+                if pause {
                     self.pause();
-                } else {
-                    self.held = Some(held);
                 }
             }
         }

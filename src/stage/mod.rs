@@ -4,8 +4,8 @@
 //! What the runtime owns, once: client configuration and the logging + lag context (`context`),
 //! subscription and readiness, the offset policies and their commits (`commit`, `ack`), one
 //! producer for outputs and dead letters with one failure policy (`output`, `dead_letter`),
-//! revocation and shutdown drains, pausing the assignment while a dependency is down, and the
-//! fatal path (`driver`).
+//! revocation and shutdown drains, pausing the assignment while a dependency is down, the
+//! timestamp merge of co-partitioned inputs (`merge`), and the fatal path (`driver`).
 //!
 //! Adding a stage: write a type implementing `Stage` (how one record becomes outputs, a dead
 //! letter, or work the stage acknowledges later), describe its inputs and policy in a
@@ -17,6 +17,7 @@ mod context;
 pub mod dead_letter;
 mod driver;
 pub mod lag;
+pub mod merge;
 pub mod output;
 
 use std::future::Future;
