@@ -357,6 +357,145 @@ async fn per_key_order_holds_across_partitions() {
     stage.terminate();
 }
 
+/// The services' traffic: each user's first event is a `create_user` (to the create topic), the
+/// later ones `update_user` or `start_task` (to the other two), all keyed by the user id, with
+/// timestamps 2 ms apart in the order given.
+fn user_traffic(
+    f: &Fixture,
+    users: u64,
+    count: u64,
+    first_seq: &mut HashMap<u64, u64>,
+    start_ms: i64,
+) -> Vec<common::TimedRecord> {
+    (0..count)
+        .map(|i| {
+            let user = (i * 7 + i / users) % users;
+            let seq = first_seq.entry(user).or_insert(0);
+            let (topic, action) = match *seq {
+                0 => (&f.create, "create_user"),
+                s if s % 2 == 1 => (&f.update, "update_user"),
+                _ => (&f.task, "start_task"),
+            };
+            let record = common::TimedRecord {
+                topic: topic.clone(),
+                key: user.to_string(),
+                value: envelope(action, user, *seq),
+                timestamp_ms: start_ms + 2 * i as i64,
+            };
+            *seq += 1;
+            record
+        })
+        .collect()
+}
+
+/// Every user's events on the info topic are in the order they were produced: no update
+/// overtakes its user's create, across the three input topics.
+fn assert_per_user_order(info: &[OwnedMessage], expected: &HashMap<u64, u64>, log: &str) {
+    let mut newest: HashMap<u64, u64> = HashMap::new();
+    let mut seen: HashMap<u64, Vec<u64>> = HashMap::new();
+    // An event is overtaken when a later event of its user arrived before it.
+    let mut overtaken = Vec::new();
+    for (user, seq) in seqs(info) {
+        let newest = newest.entry(user).or_insert(seq);
+        if seq < *newest {
+            overtaken.push((user, seq, *newest));
+        }
+        *newest = (*newest).max(seq);
+        seen.entry(user).or_default().push(seq);
+    }
+    assert!(
+        overtaken.is_empty(),
+        "{} events overtaken by a later event of their user (user, seq, arrived after): {:?}\n{log}",
+        overtaken.len(),
+        &overtaken[..overtaken.len().min(10)]
+    );
+    for (user, count) in expected {
+        assert_eq!(
+            seen.get(user).cloned().unwrap_or_default(),
+            (0..*count).collect::<Vec<_>>(),
+            "user {user}: every event once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_users_events_keep_their_order_across_input_topics_after_a_backlog_and_in_a_burst() {
+    let settings = common::settings();
+    let f = Fixture::new(3).await;
+    let users = 30;
+    let mut seqs_so_far = HashMap::new();
+    // The dispatcher is down while 1,500 events accumulate on the three topics.
+    let start_ms = chrono::Utc::now().timestamp_millis() - 60_000;
+    let backlog = user_traffic(&f, users, 1500, &mut seqs_so_far, start_ms);
+    common::produce_timed(&settings, &backlog, false).await;
+    let stage = f.start(&[]);
+    let info = common::consume(&settings, &f.info, 1500, Duration::from_secs(120)).await;
+    assert_eq!(info.len(), 1500, "{}", stage.log());
+    assert_per_user_order(&info, &seqs_so_far, &stage.log());
+
+    // Then a burst of 600 while it runs, each acknowledged before the next is sent.
+    let burst = user_traffic(&f, users, 600, &mut seqs_so_far, start_ms + 10_000);
+    common::produce_timed(&settings, &burst, true).await;
+    common::wait_for_committed_end(&settings, &f.group, &f.update, Duration::from_secs(120)).await;
+    common::wait_for_committed_end(&settings, &f.group, &f.task, Duration::from_secs(120)).await;
+    common::wait_for_committed_end(&settings, &f.group, &f.create, Duration::from_secs(120)).await;
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+    let info = common::read_to_end(&settings, &f.info);
+    assert_eq!(info.len(), 2100, "{log}");
+    assert_per_user_order(&info, &seqs_so_far, &log);
+}
+
+/// An envelope the dispatcher accepts (here under a raised `--max-envelope-bytes`, as the old
+/// 1 MiB default did) whose output exceeds what the producer may send is dead-lettered with its
+/// own kind, and the partition keeps flowing, in both delivery modes.
+#[tokio::test]
+async fn an_output_too_large_for_the_producer_is_dead_lettered_and_the_partition_flows() {
+    let settings = common::settings();
+    for exactly_once in ["false", "true"] {
+        let f = Fixture::new(1).await;
+        // 999,800 bytes in: fits the producer (1,000,000); the output, which carries `data`
+        // with its source block and headers, does not.
+        let with_blob = |blob: usize| {
+            json!({"service":"lk","action":"create_user","payload":{"message":"m","timestamp":"t","data":{"user_id": 7, "seq": 1, "blob": "x".repeat(blob)}}}).to_string()
+        };
+        let big = with_blob(999_800 - with_blob(0).len());
+        assert_eq!(big.len(), 999_800);
+        let records = vec![
+            ("7".to_string(), envelope("create_user", 7, 0)),
+            ("7".to_string(), big.clone().into_bytes()),
+            ("7".to_string(), envelope("create_user", 7, 2)),
+        ];
+        common::produce_all(&settings, &f.create, &records).await;
+        let stage = f.start(&[
+            ("EVENTPIPE_DISPATCH_MAX_ENVELOPE_BYTES", "1048576"),
+            ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", exactly_once),
+        ]);
+        common::wait_for_committed_end(&settings, &f.group, &f.create, Duration::from_secs(60))
+            .await;
+        let (status, log) = stage.terminate();
+        assert!(status.success(), "exactly once {exactly_once}: {log}");
+        let info = common::read_to_end(&settings, &f.info);
+        assert_eq!(
+            seqs(&info),
+            vec![(7, 0), (7, 2)],
+            "exactly once {exactly_once}: the records around it arrive: {log}"
+        );
+        let dead = common::read_to_end(&settings, &format!("{}.dlq", f.create));
+        assert_eq!(dead.len(), 1, "exactly once {exactly_once}");
+        let headers = common::headers(&dead[0]);
+        assert_eq!(headers["eventpipe.error.kind"], "output_too_large");
+        assert!(headers["eventpipe.error.reason"].contains("message.max.bytes"));
+        assert_eq!(
+            rdkafka::Message::payload(&dead[0]).unwrap(),
+            big.as_bytes(),
+            "the original bytes"
+        );
+        // With the default limit the same envelope is refused as oversized before routing.
+        assert!(big.len() > eventpipe::envelope::DEFAULT_MAX_ENVELOPE_BYTES);
+    }
+}
+
 #[tokio::test]
 async fn bad_input_is_dead_lettered_with_its_reason_while_good_input_flows() {
     let settings = common::settings();

@@ -37,9 +37,11 @@ const DEAD_LETTER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const DEAD_LETTER_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Blocking transaction calls give up after this (librdkafka's own bound).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an empty input partition that has more to deliver may hold back the records of its
-/// co-partitioned topics (Kafka Streams' `max.task.idle.ms`).
-const MERGE_MAX_IDLE: Duration = Duration::from_millis(100);
+/// How long an empty input partition that has more to deliver (or whose first fetch has not
+/// answered yet) may hold back the records of its co-partitioned topics (Kafka Streams'
+/// `max.task.idle.ms`). A caught-up partition holds nothing back, so this is paid only while a
+/// fetch is on its way (after an assignment, or a partition drained faster than it is fetched).
+const MERGE_MAX_IDLE: Duration = Duration::from_secs(1);
 /// Records buffered for the merge at most; past it the oldest head goes regardless.
 const MERGE_MAX_BUFFERED: usize = 10_000;
 /// Room above `max_record_bytes` for a dead letter's headers.
@@ -420,10 +422,10 @@ impl Driver {
                     Next::Empty => {}
                 }
             }
-            let retry_at = self
-                .held
-                .as_ref()
-                .map_or_else(|| Instant::now() + Duration::from_secs(3600), |h| h.retry_at);
+            let retry_at = self.held.as_ref().map_or_else(
+                || Instant::now() + Duration::from_secs(3600),
+                |h| h.retry_at,
+            );
             // With a record held, new records are taken only once the assignment is paused
             // (they are then the few already fetched, kept in order): polling must go on so
             // the group keeps this member.

@@ -268,7 +268,10 @@ mod tests {
         );
         // The create arrives within the wait: it goes first.
         m.push(R("create", 0, 0, 1));
-        assert_eq!(m.next(now, not_caught_up), Next::Record(R("create", 0, 0, 1)));
+        assert_eq!(
+            m.next(now, not_caught_up),
+            Next::Record(R("create", 0, 0, 1))
+        );
         // Empty again and still not caught up: wait, but no longer than max_idle.
         let later = now + Duration::from_millis(10);
         assert_eq!(
@@ -276,7 +279,10 @@ mod tests {
             Next::WaitUntil(now + Duration::from_millis(50))
         );
         let past = now + Duration::from_millis(60);
-        assert_eq!(m.next(past, not_caught_up), Next::Record(R("update", 0, 0, 5)));
+        assert_eq!(
+            m.next(past, not_caught_up),
+            Next::Record(R("update", 0, 0, 5))
+        );
     }
 
     #[test]
@@ -312,7 +318,11 @@ mod tests {
         m.assign(&[("a".into(), 1)]);
         assert_eq!(m.buffered(), 1);
         m.push(R("a", 0, 1, 2));
-        assert_eq!(m.buffered(), 1, "records of unassigned partitions are not kept");
+        assert_eq!(
+            m.buffered(),
+            1,
+            "records of unassigned partitions are not kept"
+        );
         assert_eq!(drain(&mut m, Instant::now()), vec![R("a", 1, 0, 1)]);
     }
 }

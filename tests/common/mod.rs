@@ -336,9 +336,12 @@ pub async fn fresh_database(settings: &Settings) -> (sqlx::PgPool, String) {
     (pool, name)
 }
 
-/// The eventpipe binary built for this test run.
+/// The eventpipe binary built for this test run, or `EVENTPIPE_TEST_BIN` (to show that a
+/// regression test fails on an older build).
 pub fn eventpipe_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_eventpipe"))
+    std::env::var_os("EVENTPIPE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eventpipe")))
 }
 
 /// Runs the binary with the given arguments, environment pointed at the stack, and stdin.
@@ -625,6 +628,45 @@ pub async fn produce_to_partitions(
             )
             .await
             .unwrap_or_else(|(e, _)| panic!("producing to {topic}[{partition}]: {e}"));
+    }
+}
+
+/// A record with its topic and an explicit Kafka timestamp.
+pub struct TimedRecord {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub timestamp_ms: i64,
+}
+
+/// Produces records with their timestamps; `one_by_one` waits for each delivery report before
+/// the next send (the broker then holds them in exactly this order), else all at once.
+pub async fn produce_timed(settings: &Settings, records: &[TimedRecord], one_by_one: bool) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer<PipelineContext> = create_client(
+        &settings.kafka,
+        ClientKind::Producer,
+        PipelineContext::default(),
+    )
+    .unwrap();
+    let mut pending = Vec::new();
+    for record in records {
+        let future = producer
+            .send_result(
+                FutureRecord::to(&record.topic)
+                    .key(record.key.as_bytes())
+                    .payload(record.value.as_slice())
+                    .timestamp(record.timestamp_ms),
+            )
+            .expect("enqueued");
+        if one_by_one {
+            future.await.expect("not cancelled").expect("delivered");
+        } else {
+            pending.push(future);
+        }
+    }
+    for future in pending {
+        future.await.expect("not cancelled").expect("delivered");
     }
 }
 
