@@ -210,7 +210,7 @@ fn write_bulk_file(
             continue;
         };
         let message = message?;
-        if let Ok(lines) = super::pipeline::document_lines(&message, input, log) {
+        if let Ok(lines) = super::document_lines(&message, input, log) {
             out.write_all(&lines)?;
         }
         written += 1;

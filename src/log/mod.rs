@@ -11,10 +11,12 @@ pub mod settings;
 pub mod template;
 
 use anyhow::Context;
+use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, SchemaName};
 use crate::config::Settings;
+use crate::envelope::DecodeError;
 use crate::telemetry::Readiness;
 use bulk::Backoff;
 use elasticsearch::{Elasticsearch, ElasticsearchError};
@@ -45,6 +47,17 @@ pub async fn run(
     pipeline::run(&settings.kafka, &log, client, codec, readiness, shutdown)
         .await
         .context("log stage")
+}
+
+/// The bulk lines (action and source, each newline-terminated) the stage sends for one consumed
+/// JSON record of `topic`, or why it is not a loggable envelope: the stage's own mapping, for
+/// tools that need the very documents it would index (the log benchmark's bulk-file baseline).
+pub fn document_lines(
+    message: &BorrowedMessage<'_>,
+    topic: &str,
+    settings: &LogSettings,
+) -> Result<Vec<u8>, DecodeError> {
+    pipeline::document_lines(message, topic, settings)
 }
 
 /// Puts the index template, retrying while Elasticsearch is unreachable; false if shutdown
