@@ -236,7 +236,17 @@ pub enum TopicsCommand {
 /// Parses arguments, runs the command and turns any error into one line on stderr.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.settings) {
+    run_main(&cli.settings, |settings| run(cli.command, settings))
+}
+
+/// The edge every eventpipe binary shares (`eventpipe`, `eventpipe-bench`): loads the settings
+/// from `args`, starts tracing and the runtime, runs `command`, and turns any error into one line
+/// on stderr with its exit code.
+pub fn run_main<F>(args: &SettingsArgs, command: impl FnOnce(Settings) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let settings = match Settings::load(args) {
         Ok(settings) => settings,
         Err(error) => return report(&anyhow::Error::new(error)),
     };
@@ -245,7 +255,7 @@ pub fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return report(&anyhow::Error::new(error).context("starting the runtime")),
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    match runtime.block_on(command(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }
