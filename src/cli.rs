@@ -105,11 +105,6 @@ pub enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
-    /// Benchmarks on the local stack, each next to a baseline measured in the same run.
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,68 +136,6 @@ pub struct SchemasArgs {
     /// Only these topics (comma-separated); all topics with a value_schema by default.
     #[arg(long, value_delimiter = ',')]
     pub topic: Vec<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Documents per second into Elasticsearch vs a direct bulk load of the same documents.
-    Log {
-        #[arg(long, default_value_t = 200_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Documents per bulk request, for the stage and the baseline alike.
-        #[arg(long, default_value_t = 1000)]
-        batch_size: usize,
-        /// Bulk requests in flight, for the stage and the baseline alike (the stage's default).
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
-        bulk_concurrency: u32,
-        /// Skip the extra baseline that sends one bulk request at a time.
-        #[arg(long)]
-        no_sequential_baseline: bool,
-    },
-    /// Aggregator throughput (1 s and 60 s windows) vs a raw consume of the same topic, and the
-    /// window engine alone in memory; checks the emitted counts add up to the events.
-    Aggregate {
-        #[arg(long, default_value_t = 10_000_000)]
-        events: u64,
-        /// Distinct series names (each with one of count, sum, avg, min, max).
-        #[arg(long, default_value_t = 10_000)]
-        series: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Window sizes in seconds, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,60")]
-        windows: Vec<u64>,
-    },
-    /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
-    Broker {
-        #[arg(long, default_value_t = 1_000_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-    },
-    /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
-    Dispatch {
-        #[arg(long, default_value_t = 1_000_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Input rates (records/s) for the latency runs, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
-        latency_rates: Vec<u64>,
-        #[arg(long, default_value_t = 20)]
-        latency_seconds: u64,
-        /// Skip the exactly-once variant.
-        #[arg(long)]
-        no_exactly_once: bool,
-        /// Skip the Avro variant (the same envelopes in Avro, dispatched Avro in and out).
-        #[arg(long)]
-        no_avro: bool,
-        /// A Python with confluent-kafka, to also run the services-style reference dispatcher.
-        #[arg(long, env = "EVENTPIPE_BENCH_PYTHON")]
-        python: Option<PathBuf>,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -450,92 +383,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             SchemasCommand::Register { args } => run_schemas(&settings, &args, true).await,
             SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
         },
-        Command::Bench {
-            command:
-                BenchCommand::Log {
-                    records,
-                    partitions,
-                    batch_size,
-                    bulk_concurrency,
-                    no_sequential_baseline,
-                },
-        } => {
-            let results = crate::log::bench::run(
-                &settings,
-                crate::log::bench::LogBenchOptions {
-                    records,
-                    partitions,
-                    batch_size,
-                    concurrency: bulk_concurrency as usize,
-                    sequential_baseline: !no_sequential_baseline,
-                    binary: None,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Aggregate {
-                    events,
-                    series,
-                    partitions,
-                    windows,
-                },
-        } => {
-            let results = crate::bench::aggregate::run(
-                &settings,
-                crate::bench::aggregate::AggregateBenchOptions {
-                    events,
-                    series,
-                    partitions,
-                    windows,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Broker {
-                    records,
-                    partitions,
-                },
-        } => {
-            let results = crate::bench::broker::run(&settings, records, partitions).await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Dispatch {
-                    records,
-                    partitions,
-                    latency_rates,
-                    latency_seconds,
-                    no_exactly_once,
-                    no_avro,
-                    python,
-                },
-        } => {
-            let results = crate::bench::dispatch::run(
-                &settings,
-                crate::bench::dispatch::DispatchBenchOptions {
-                    records,
-                    partitions,
-                    latency_rates,
-                    latency_seconds,
-                    exactly_once: !no_exactly_once,
-                    avro: !no_avro,
-                    python,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
     }
 }
 
