@@ -1,7 +1,7 @@
 """BASELINE, not eventpipe: a dispatcher written the way the services' Python consumers are today.
 
 confluent-kafka consumer with auto-commit, a HandlerFactory keyed by action, json.loads/dumps,
-a produce per event with a poll. It exists only so `eventpipe bench dispatch` can report
+a produce per event with a poll. It exists only so `eventpipe-bench dispatch` can report
 eventpipe's throughput next to what teams run now, on the same records, in the same run.
 Usage: reference_dispatcher.py BOOTSTRAP INPUT_TOPIC OUTPUT_TOPIC GROUP_ID COUNT
 Exits after producing COUNT outputs (or after 30 s without input).

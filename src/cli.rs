@@ -105,11 +105,6 @@ pub enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
-    /// Benchmarks on the local stack, each next to a baseline measured in the same run.
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,68 +139,6 @@ pub struct SchemasArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Documents per second into Elasticsearch vs a direct bulk load of the same documents.
-    Log {
-        #[arg(long, default_value_t = 200_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Documents per bulk request, for the stage and the baseline alike.
-        #[arg(long, default_value_t = 1000)]
-        batch_size: usize,
-        /// Bulk requests in flight, for the stage and the baseline alike (the stage's default).
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
-        bulk_concurrency: u32,
-        /// Skip the extra baseline that sends one bulk request at a time.
-        #[arg(long)]
-        no_sequential_baseline: bool,
-    },
-    /// Aggregator throughput (1 s and 60 s windows) vs a raw consume of the same topic, and the
-    /// window engine alone in memory; checks the emitted counts add up to the events.
-    Aggregate {
-        #[arg(long, default_value_t = 10_000_000)]
-        events: u64,
-        /// Distinct series names (each with one of count, sum, avg, min, max).
-        #[arg(long, default_value_t = 10_000)]
-        series: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Window sizes in seconds, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,60")]
-        windows: Vec<u64>,
-    },
-    /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
-    Broker {
-        #[arg(long, default_value_t = 1_000_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-    },
-    /// Dispatcher throughput vs a raw rdkafka copy, exactly-once cost, latency at fixed rates.
-    Dispatch {
-        #[arg(long, default_value_t = 1_000_000)]
-        records: u64,
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Input rates (records/s) for the latency runs, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
-        latency_rates: Vec<u64>,
-        #[arg(long, default_value_t = 20)]
-        latency_seconds: u64,
-        /// Skip the exactly-once variant.
-        #[arg(long)]
-        no_exactly_once: bool,
-        /// Skip the Avro variant (the same envelopes in Avro, dispatched Avro in and out).
-        #[arg(long)]
-        no_avro: bool,
-        /// A Python with confluent-kafka, to also run the services-style reference dispatcher.
-        #[arg(long, env = "EVENTPIPE_BENCH_PYTHON")]
-        python: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create missing topics, grow partitions, set configs; never deletes. Idempotent.
     Apply {
@@ -236,7 +169,17 @@ pub enum TopicsCommand {
 /// Parses arguments, runs the command and turns any error into one line on stderr.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&cli.settings) {
+    run_main(&cli.settings, |settings| run(cli.command, settings))
+}
+
+/// The edge every eventpipe binary shares (`eventpipe`, `eventpipe-bench`): loads the settings
+/// from `args`, starts tracing and the runtime, runs `command`, and turns any error into one line
+/// on stderr with its exit code.
+pub fn run_main<F>(args: &SettingsArgs, command: impl FnOnce(Settings) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let settings = match Settings::load(args) {
         Ok(settings) => settings,
         Err(error) => return report(&anyhow::Error::new(error)),
     };
@@ -245,7 +188,7 @@ pub fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return report(&anyhow::Error::new(error).context("starting the runtime")),
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    match runtime.block_on(command(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }
@@ -440,92 +383,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             SchemasCommand::Register { args } => run_schemas(&settings, &args, true).await,
             SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
         },
-        Command::Bench {
-            command:
-                BenchCommand::Log {
-                    records,
-                    partitions,
-                    batch_size,
-                    bulk_concurrency,
-                    no_sequential_baseline,
-                },
-        } => {
-            let results = crate::log::bench::run(
-                &settings,
-                crate::log::bench::LogBenchOptions {
-                    records,
-                    partitions,
-                    batch_size,
-                    concurrency: bulk_concurrency as usize,
-                    sequential_baseline: !no_sequential_baseline,
-                    binary: None,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Aggregate {
-                    events,
-                    series,
-                    partitions,
-                    windows,
-                },
-        } => {
-            let results = crate::bench::aggregate::run(
-                &settings,
-                crate::bench::aggregate::AggregateBenchOptions {
-                    events,
-                    series,
-                    partitions,
-                    windows,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Broker {
-                    records,
-                    partitions,
-                },
-        } => {
-            let results = crate::bench::broker::run(&settings, records, partitions).await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Dispatch {
-                    records,
-                    partitions,
-                    latency_rates,
-                    latency_seconds,
-                    no_exactly_once,
-                    no_avro,
-                    python,
-                },
-        } => {
-            let results = crate::bench::dispatch::run(
-                &settings,
-                crate::bench::dispatch::DispatchBenchOptions {
-                    records,
-                    partitions,
-                    latency_rates,
-                    latency_seconds,
-                    exactly_once: !no_exactly_once,
-                    avro: !no_avro,
-                    python,
-                },
-            )
-            .await?;
-            crate::bench::measure::report(&results);
-            Ok(())
-        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! Module map, one line each — start reading at `cli` for the commands and `config` for settings.
 
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
-pub mod bench; // `eventpipe bench`: workloads next to same-run baselines, table + JSON lines
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod codec; // record formats per topic: json or Avro (Confluent framing) via the schema registry
 pub mod config; // typed settings: flags > environment > config file > defaults

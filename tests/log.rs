@@ -616,29 +616,3 @@ fn kibana_saved_objects_match_the_default_index_pattern() {
     .unwrap();
     assert_eq!(source["query"]["query"], "level:error");
 }
-
-/// The benchmark, through the library until `eventpipe bench log` is wired in the CLI:
-/// `cargo test --release --test log -- --ignored --nocapture bench`.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "a benchmark (minutes, loads the shared stack); run on demand"]
-async fn bench_log_against_a_bulk_file_baseline() {
-    let records: u64 = std::env::var("EVENTPIPE_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let results = eventpipe::log::bench::run(
-        &common::settings(),
-        eventpipe::log::bench::LogBenchOptions {
-            records,
-            partitions: 6,
-            batch_size: 1000,
-            concurrency: 2,
-            sequential_baseline: false,
-            binary: Some(common::eventpipe_bin()),
-        },
-    )
-    .await
-    .expect("benchmark runs");
-    eventpipe::bench::measure::report(&results);
-    assert_eq!(results.len(), 2);
-}

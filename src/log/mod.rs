@@ -1,7 +1,6 @@
 //! `eventpipe log`: ships info_in to Elasticsearch as the documents people search in Kibana,
 //! at least once with idempotent ids (so effectively once), with dead letters and backpressure.
 
-pub mod bench;
 pub mod bulk;
 pub mod document;
 pub mod elasticsearch;
@@ -18,6 +17,7 @@ use crate::config::Settings;
 use crate::telemetry::Readiness;
 use bulk::Backoff;
 use elasticsearch::{Elasticsearch, ElasticsearchError};
+pub use pipeline::document_lines;
 pub use settings::{FileLog, LogArgs, LogSettings};
 use template::{index_template, DataMapping, TemplateOptions};
 

@@ -4,17 +4,16 @@
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use eventpipe::codec::{Codec, SchemaName};
+use eventpipe::config::KafkaSettings;
+use eventpipe::generate::{self, GenerateOptions, TrafficKind};
+use eventpipe::kafka::client::create_client;
+use eventpipe::kafka::{ClientKind, KafkaError, PipelineContext};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-
-use crate::codec::{Codec, SchemaName};
-use crate::config::KafkaSettings;
-use crate::generate::{self, GenerateOptions, TrafficKind};
-use crate::kafka::client::create_client;
-use crate::kafka::{ClientKind, KafkaError, PipelineContext};
 
 /// Topics a benchmark creates for itself and deletes when it ends, whatever happened.
 pub struct BenchTopics {

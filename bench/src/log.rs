@@ -2,41 +2,49 @@
 //! a baseline that bulk-loads the same documents from a file with the same batch size, same run.
 
 use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use eventpipe::config::Settings;
+use eventpipe::kafka::client::create_client;
+use eventpipe::kafka::{ClientKind, PipelineContext};
+use eventpipe::log::bulk::ItemOutcome;
+use eventpipe::log::elasticsearch::Elasticsearch;
+use eventpipe::log::{document_lines, install_template, LogArgs, LogSettings};
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use super::bulk::ItemOutcome;
-use super::elasticsearch::Elasticsearch;
-use super::settings::{LogArgs, LogSettings};
-use crate::bench::measure::{
+use crate::measure::{
     cpu_seconds, free_port, kill, peak_rss_mib, preload_envelopes, wait_for_metric, BenchResult,
     BenchTopics,
 };
-use crate::config::Settings;
-use crate::kafka::client::create_client;
-use crate::kafka::{ClientKind, PipelineContext};
 
+/// `eventpipe-bench log`: the backlog and the bulk settings shared by the stage and baselines.
+#[derive(Debug, clap::Args)]
 pub struct LogBenchOptions {
+    #[arg(long, default_value_t = 200_000)]
     pub records: u64,
+    #[arg(long, default_value_t = 6)]
     pub partitions: i32,
     /// Documents per bulk request, for the stage and the baseline alike.
+    #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
-    /// Bulk requests in flight, for the stage and the baseline alike.
-    pub concurrency: usize,
-    /// Also run the baseline with one request at a time, to show what concurrency buys.
+    /// Bulk requests in flight, for the stage and the baseline alike (the stage's default).
+    #[arg(long = "bulk-concurrency", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub concurrency: u32,
+    /// Skip the extra baseline that sends one bulk request at a time (what concurrency buys).
+    #[arg(long = "no-sequential-baseline", action = clap::ArgAction::SetFalse)]
     pub sequential_baseline: bool,
-    /// The eventpipe binary to run the stage with (default: this executable).
-    pub binary: Option<std::path::PathBuf>,
 }
 
 /// Runs the baseline and the stage over the same records; results baseline first.
+/// `eventpipe` is the binary whose `log` is measured.
 pub async fn run(
     settings: &Settings,
+    eventpipe: &Path,
     options: LogBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
     let base = format!("bench-log-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
@@ -46,7 +54,7 @@ pub async fn run(
         (format!("{input}.dlq"), 1),
     ];
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
-    let outcome = workloads(settings, &options, &base, &input).await;
+    let outcome = workloads(settings, eventpipe, &options, &base, &input).await;
     bench_topics.delete().await;
     let _ = delete_indices(settings, &format!("{base}-*")).await;
     if let Ok(url) = settings
@@ -87,13 +95,13 @@ fn variant(
     base: &str,
     name: &str,
     batch_size: usize,
-    concurrency: usize,
+    concurrency: u32,
 ) -> anyhow::Result<LogSettings> {
     let args = LogArgs {
         index_pattern: Some(format!("{base}-{name}-%Y.%m.%d")),
         template_name: Some(format!("{base}-{name}")),
         batch_size: Some(u32::try_from(batch_size)?),
-        bulk_concurrency: Some(u32::try_from(concurrency)?),
+        bulk_concurrency: Some(concurrency),
         ..Default::default()
     };
     Ok(LogSettings::resolve(&args, &settings.file_log)?)
@@ -101,6 +109,7 @@ fn variant(
 
 async fn workloads(
     settings: &Settings,
+    eventpipe: &Path,
     options: &LogBenchOptions,
     base: &str,
     input: &str,
@@ -131,14 +140,10 @@ async fn workloads(
         options.batch_size,
         options.concurrency,
     )?;
-    let binary = match &options.binary {
-        Some(binary) => binary.clone(),
-        None => std::env::current_exe()?,
-    };
     let mut stage = stage_run(
         settings,
         &staged,
-        &binary,
+        eventpipe,
         input,
         &format!("{base}-group"),
         n,
@@ -157,7 +162,7 @@ async fn baselines(
     options: &LogBenchOptions,
     base: &str,
     raw: &LogSettings,
-    file: &std::path::Path,
+    file: &Path,
     n: u64,
 ) -> anyhow::Result<Vec<BenchResult>> {
     eprintln!(
@@ -187,7 +192,7 @@ fn write_bulk_file(
     input: &str,
     partitions: i32,
     n: u64,
-    path: &std::path::Path,
+    path: &Path,
 ) -> anyhow::Result<()> {
     // librdkafka wants a group even for a manual assignment; nothing is committed.
     let mut kafka = settings.kafka.clone();
@@ -211,8 +216,8 @@ fn write_bulk_file(
         };
         let message = message?;
         let topic: std::sync::Arc<str> = input.into();
-        let record = crate::stage::Record::from_message(&message, &topic);
-        if let Ok(lines) = super::pipeline::document_lines(&record, record.payload, log) {
+        let record = eventpipe::stage::Record::from_message(&message, &topic);
+        if let Ok(lines) = document_lines(&record, record.payload, log) {
             out.write_all(&lines)?;
         }
         written += 1;
@@ -246,12 +251,12 @@ fn next_batch(
 async fn bulk_from_file(
     settings: &Settings,
     log: &LogSettings,
-    path: &std::path::Path,
+    path: &Path,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
     let client = Elasticsearch::new(&settings.elasticsearch_url, log)?;
     anyhow::ensure!(
-        super::install_template(&client, log, &CancellationToken::new()).await?,
+        install_template(&client, log, &CancellationToken::new()).await?,
         "index template not installed"
     );
     let cpu_before = cpu_seconds(std::process::id());
@@ -300,19 +305,19 @@ fn log_result(
     BenchResult::throughput("log", variant, n, seconds, cpu, rss)
 }
 
-/// The stage as users run it (this binary, `log`), timed from start until `n` documents are
+/// The stage as users run it (`eventpipe log`), timed from start until `n` documents are
 /// acknowledged, as its own /metrics reports.
 async fn stage_run(
     settings: &Settings,
     log: &LogSettings,
-    binary: &std::path::Path,
+    eventpipe: &Path,
     input: &str,
     group: &str,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
     let port = free_port()?;
     let started = Instant::now();
-    let mut child = Command::new(binary)
+    let mut child = Command::new(eventpipe)
         .args([
             "--bootstrap-servers",
             &settings.kafka.bootstrap_servers,

@@ -2,44 +2,57 @@
 //! over a preloaded backlog next to a raw rdkafka topic-to-topic copy of the same records, its
 //! CPU and peak memory, and end-to-end latency percentiles at fixed rates.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eventpipe::codec::{value_subject, Codec, CodecSettings, Format, Registry, SchemaName};
+use eventpipe::config::Settings;
+use eventpipe::envelope::parse_timestamp;
+use eventpipe::generate::{Generator, Pacer, TrafficKind, PACER_TICK};
+use eventpipe::kafka::client::{client_config, create_client};
+use eventpipe::kafka::{ClientKind, PipelineContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::measure::{
+use crate::measure::{
     cpu_seconds, peak_rss_mib, preload_envelopes, preload_envelopes_as, send_waiting, BenchResult,
     BenchTopics, Percentiles, TopicWatcher,
 };
-use crate::codec::{value_subject, Codec, CodecSettings, Format, Registry, SchemaName};
-use crate::config::Settings;
-use crate::envelope::parse_timestamp;
-use crate::generate::{Generator, Pacer, TrafficKind, PACER_TICK};
-use crate::kafka::client::{client_config, create_client};
-use crate::kafka::{ClientKind, PipelineContext};
 
+/// `eventpipe-bench dispatch`: the backlog, the latency runs and which variants to run.
+#[derive(Debug, clap::Args)]
 pub struct DispatchBenchOptions {
+    #[arg(long, default_value_t = 1_000_000)]
     pub records: u64,
+    #[arg(long, default_value_t = 6)]
     pub partitions: i32,
-    /// Fixed input rates (records/s) for the latency runs.
+    /// Input rates (records/s) for the latency runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
     pub latency_rates: Vec<u64>,
+    #[arg(long, default_value_t = 20)]
     pub latency_seconds: u64,
+    /// Skip the exactly-once variant.
+    #[arg(long = "no-exactly-once", action = clap::ArgAction::SetFalse)]
     pub exactly_once: bool,
-    /// Also run the dispatcher with Avro in and out (next to the JSON run, same records).
+    /// Skip the Avro variant (the same envelopes in Avro, dispatched Avro in and out).
+    #[arg(long = "no-avro", action = clap::ArgAction::SetFalse)]
     pub avro: bool,
-    /// A Python with confluent-kafka: also run bench/reference_dispatcher.py as a baseline.
+    /// A Python with confluent-kafka, to also run the services-style reference dispatcher
+    /// (bench/reference_dispatcher.py) as a baseline.
+    #[arg(long, env = "EVENTPIPE_BENCH_PYTHON")]
     pub python: Option<PathBuf>,
 }
 
 /// Runs every dispatch workload and returns the results (baselines first).
+/// `eventpipe` is the binary whose `dispatch` is measured.
 pub async fn run(
     settings: &Settings,
+    eventpipe: &Path,
     options: DispatchBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
     let base = format!("bench-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
@@ -61,7 +74,7 @@ pub async fn run(
         topics.push((format!("{base}-lat{rate}-out"), options.partitions));
     }
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
-    let outcome = run_workloads(settings, &options, &base).await;
+    let outcome = run_workloads(settings, eventpipe, &options, &base).await;
     bench_topics.delete().await;
     remove_routes_files(&base);
     outcome
@@ -83,6 +96,7 @@ fn remove_routes_files(base: &str) {
 
 async fn run_workloads(
     settings: &Settings,
+    eventpipe: &Path,
     options: &DispatchBenchOptions,
     base: &str,
 ) -> anyhow::Result<Vec<BenchResult>> {
@@ -103,13 +117,19 @@ async fn run_workloads(
     results.push(baseline);
 
     let routes = routes_file(base, &format!("{base}-out"))?;
+    let group = format!("{base}-group");
+    // The other variants are this dispatcher with other topics, group or mode.
+    let json = Dispatcher {
+        eventpipe,
+        input: &input,
+        routes: &routes,
+        group: &group,
+        mode: Mode::AtLeastOnce,
+    };
     eprintln!("dispatch (at least once) over the {n}-record backlog");
     let mut dispatched = dispatcher_run(
         settings,
-        &input,
-        &routes,
-        &format!("{base}-group"),
-        Mode::AtLeastOnce,
+        &json,
         &format!("{base}-out"),
         options.partitions,
         n,
@@ -140,10 +160,13 @@ async fn run_workloads(
         eprintln!("dispatch (at least once), Avro in and out, over the same envelopes");
         let mut avro = dispatcher_run(
             settings,
-            &avro_input,
-            &routes,
-            &format!("{base}-group-avro"),
-            Mode::Avro,
+            &Dispatcher {
+                input: &avro_input,
+                routes: &routes,
+                group: &format!("{base}-group-avro"),
+                mode: Mode::Avro,
+                ..json
+            },
             &avro_output,
             options.partitions,
             n,
@@ -176,10 +199,12 @@ async fn run_workloads(
         eprintln!("dispatch (exactly once) over the same backlog");
         let mut eos = dispatcher_run(
             settings,
-            &input,
-            &routes,
-            &format!("{base}-group-eos"),
-            Mode::ExactlyOnce,
+            &Dispatcher {
+                routes: &routes,
+                group: &format!("{base}-group-eos"),
+                mode: Mode::ExactlyOnce,
+                ..json
+            },
             &format!("{base}-out-eos"),
             options.partitions,
             n,
@@ -190,7 +215,7 @@ async fn run_workloads(
 
     for rate in &options.latency_rates {
         eprintln!("latency at {rate}/s for {}s", options.latency_seconds);
-        results.push(latency_run(settings, base, *rate, options.latency_seconds).await?);
+        results.push(latency_run(settings, eventpipe, base, *rate, options.latency_seconds).await?);
     }
     Ok(results)
 }
@@ -282,7 +307,7 @@ fn python_reference(
     partitions: i32,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/reference_dispatcher.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/reference_dispatcher.py");
     let started = Instant::now();
     let mut child = Command::new(python)
         .args([
@@ -313,17 +338,27 @@ fn python_reference(
     ))
 }
 
-/// Starts the real `eventpipe dispatch` binary as a child process.
-fn spawn_dispatcher(
-    settings: &Settings,
-    input: &str,
-    routes: &PathBuf,
-    group: &str,
+/// The `eventpipe dispatch` under test: the binary, what it reads, its routes, group and mode.
+#[derive(Clone, Copy)]
+struct Dispatcher<'a> {
+    eventpipe: &'a Path,
+    input: &'a str,
+    routes: &'a Path,
+    group: &'a str,
     mode: Mode,
-) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
+}
+
+/// Starts the real `eventpipe dispatch` as a child process.
+fn spawn_dispatcher(settings: &Settings, dispatcher: &Dispatcher<'_>) -> anyhow::Result<Child> {
+    let Dispatcher {
+        eventpipe,
+        input,
+        routes,
+        group,
+        mode,
+    } = *dispatcher;
     let format = if mode == Mode::Avro { "avro" } else { "json" };
-    let child = Command::new(exe)
+    let child = Command::new(eventpipe)
         .args([
             "--input-format",
             format,
@@ -375,8 +410,6 @@ fn stop_dispatcher(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Dispatches the whole backlog; done when every input offset is committed (exactly once: the
-/// transactions committed) or, at least once, when all outputs were written.
 /// How the dispatcher under test runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -386,25 +419,23 @@ enum Mode {
     Avro,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Dispatches the whole backlog; done when every input offset is committed (exactly once: the
+/// transactions committed) or, at least once, when all outputs were written.
 fn dispatcher_run(
     settings: &Settings,
-    input: &str,
-    routes: &PathBuf,
-    group: &str,
-    mode: Mode,
+    dispatcher: &Dispatcher<'_>,
     output: &str,
     partitions: i32,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
     let started = Instant::now();
-    let child = spawn_dispatcher(settings, input, routes, group, mode)?;
+    let child = spawn_dispatcher(settings, dispatcher)?;
     let pid = child.id();
-    let done = if mode == Mode::ExactlyOnce {
+    let done = if dispatcher.mode == Mode::ExactlyOnce {
         wait_for_committed(
             settings,
-            group,
-            input,
+            dispatcher.group,
+            dispatcher.input,
             partitions,
             n,
             Duration::from_secs(1800),
@@ -418,7 +449,7 @@ fn dispatcher_run(
     stop_dispatcher(child);
     let done = done.ok_or_else(|| anyhow::anyhow!("dispatcher did not finish the backlog"))?;
     let seconds = (done - started).as_secs_f64();
-    let variant = match mode {
+    let variant = match dispatcher.mode {
         Mode::AtLeastOnce => "eventpipe dispatch, at least once",
         Mode::ExactlyOnce => "eventpipe dispatch, exactly once",
         Mode::Avro => "eventpipe dispatch, Avro in and out (ratio to JSON dispatch)",
@@ -469,6 +500,7 @@ fn wait_for_committed(
 /// arrival latency at the output topic.
 async fn latency_run(
     settings: &Settings,
+    eventpipe: &Path,
     base: &str,
     rate: u64,
     seconds: u64,
@@ -477,7 +509,16 @@ async fn latency_run(
     let output = format!("{base}-lat{rate}-out");
     let routes = routes_file(&format!("{base}-lat{rate}"), &output)?;
     let group = format!("{base}-lat{rate}-group");
-    let child = spawn_dispatcher(settings, &input, &routes, &group, Mode::AtLeastOnce)?;
+    let child = spawn_dispatcher(
+        settings,
+        &Dispatcher {
+            eventpipe,
+            input: &input,
+            routes: &routes,
+            group: &group,
+            mode: Mode::AtLeastOnce,
+        },
+    )?;
     let pid = child.id();
 
     let mut reader_settings = settings.kafka.clone();

@@ -5,29 +5,30 @@
 //! on how fast the preload went; the same events feed the in-memory engine run and the checks.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use eventpipe::aggregate::event::Event;
+use eventpipe::aggregate::window::{Emission, Engine, EngineConfig, Outcome};
+use eventpipe::aggregate::AggregateArgs;
+use eventpipe::config::Settings;
+use eventpipe::generate::{Generator, TrafficKind};
+use eventpipe::kafka::client::client_config;
+use eventpipe::kafka::ClientKind;
+use eventpipe::stage::PartitionId;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::measure::{
+use crate::measure::{
     cpu_seconds, free_port, kill, peak_rss_mib, scrape, send_waiting, thread_cpu_seconds,
     wait_for_metric, BenchResult, BenchTopics,
 };
-use crate::aggregate::event::Event;
-use crate::aggregate::window::{Emission, Engine, EngineConfig, Outcome};
-use crate::aggregate::AggregateArgs;
-use crate::config::Settings;
-use crate::generate::{Generator, TrafficKind};
-use crate::kafka::client::client_config;
-use crate::kafka::ClientKind;
-use crate::stage::PartitionId;
 
 /// Event time advances 10 µs per event (100,000 events per second of event time): 10 M events
 /// span 100 s, so 100 one-second windows and two or three 60-second ones per series.
@@ -48,11 +49,18 @@ const MAX_EVENTS: u64 = 100_000_000;
 /// Longest wait for any phase; a run that gets stuck fails instead of hanging.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// `eventpipe-bench aggregate`: the backlog and the window sizes to run the stage with.
+#[derive(Debug, clap::Args)]
 pub struct AggregateBenchOptions {
+    #[arg(long, default_value_t = 10_000_000)]
     pub events: u64,
+    /// Distinct series names (each with one of count, sum, avg, min, max).
+    #[arg(long, default_value_t = 10_000)]
     pub series: u64,
+    #[arg(long, default_value_t = 6)]
     pub partitions: i32,
-    /// Window sizes in seconds (tumbling).
+    /// Window sizes in seconds (tumbling), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,60")]
     pub windows: Vec<u64>,
 }
 
@@ -64,8 +72,10 @@ type Counts<'a> = HashMap<(&'a str, i64), u64>;
 type Observed = HashMap<(String, i64), u64>;
 
 /// Runs every aggregate workload; results: the engine alone, the raw consume, then the stage.
+/// `eventpipe` is the binary whose `aggregate` is measured.
 pub async fn run(
     settings: &Settings,
+    eventpipe: &Path,
     options: AggregateBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
     // The events are also kept decoded in memory: some 100 bytes each, with the checks' maps.
@@ -90,13 +100,14 @@ pub async fn run(
         topics.push((format!("{base}-out{window}s"), options.partitions));
     }
     let bench_topics = BenchTopics::create(&settings.kafka, &topics).await?;
-    let outcome = workloads(settings, &options, &base, &input).await;
+    let outcome = workloads(settings, eventpipe, &options, &base, &input).await;
     bench_topics.delete().await;
     outcome
 }
 
 async fn workloads(
     settings: &Settings,
+    eventpipe: &Path,
     options: &AggregateBenchOptions,
     base: &str,
     input: &str,
@@ -138,6 +149,7 @@ async fn workloads(
         let mut staged = stage_run(
             settings,
             &StageRun {
+                eventpipe,
                 input,
                 output: &output,
                 metrics_topic: &format!("{base}-metrics"),
@@ -158,7 +170,7 @@ async fn workloads(
         );
     }
     if !failed_checks.is_empty() {
-        super::measure::report(&results);
+        crate::measure::report(&results);
         anyhow::bail!(
             "the aggregates do not add up to the events: {}",
             failed_checks.join(", ")
@@ -175,7 +187,7 @@ fn engine_config(settings: &Settings, window_secs: u64) -> anyhow::Result<Engine
         idle_timeout_ms: Some(IDLE_TIMEOUT_MS),
         ..Default::default()
     };
-    Ok(crate::aggregate::resolve(&aggregate, &args)?.engine)
+    Ok(eventpipe::aggregate::resolve(&aggregate, &args)?.engine)
 }
 
 /// Stable partition of a series name, so the engine run partitions exactly as the topic does.
@@ -455,6 +467,8 @@ fn raw_consume(
 
 /// One run of the stage over the backlog.
 struct StageRun<'a> {
+    /// The eventpipe binary to run `aggregate` of.
+    eventpipe: &'a Path,
     input: &'a str,
     output: &'a str,
     metrics_topic: &'a str,
@@ -506,7 +520,7 @@ async fn wait_for_last_emission(
 async fn stage_run(settings: &Settings, run: &StageRun<'_>) -> anyhow::Result<BenchResult> {
     let port = free_port()?;
     let started = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(run.eventpipe)
         .args([
             "--bootstrap-servers",
             &settings.kafka.bootstrap_servers,
@@ -642,7 +656,7 @@ mod tests {
     fn event(name: &str, time_ms: i64) -> Event {
         Event {
             name: name.into(),
-            function: crate::aggregate::function::Function::Count,
+            function: eventpipe::aggregate::function::Function::Count,
             value: 0.0,
             time_ms,
             record_ms: None,

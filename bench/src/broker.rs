@@ -4,19 +4,33 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::measure::{children_cpu_seconds, BenchResult, BenchTopics};
-use crate::config::Settings;
-use crate::generate::{Generator, TrafficKind};
+use eventpipe::config::Settings;
+use eventpipe::generate::{Generator, TrafficKind};
+
+use crate::measure::{children_cpu_seconds, BenchResult, BenchTopics};
 
 /// Distinct envelopes in the payload file; the producer tool picks one at random per record.
 const PAYLOADS: usize = 10_000;
 
+/// `eventpipe-bench broker`: how many records the perf tools send and read, over how many
+/// partitions.
+#[derive(Debug, clap::Args)]
+pub struct BrokerBenchOptions {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+}
+
 /// Runs the producer tool into a fresh topic, then the consumer tool over what it wrote.
 pub async fn run(
     settings: &Settings,
-    records: u64,
-    partitions: i32,
+    options: BrokerBenchOptions,
 ) -> anyhow::Result<Vec<BenchResult>> {
+    let BrokerBenchOptions {
+        records,
+        partitions,
+    } = options;
     anyhow::ensure!(records > 0, "--records must be at least 1");
     anyhow::ensure!(partitions > 0, "--partitions must be at least 1");
     let topic = format!("bench-broker-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
