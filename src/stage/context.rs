@@ -124,6 +124,9 @@ impl StageContext {
                 "aborting the open transaction: partitions revoked"
             );
             shared.revoked.store(true, Ordering::SeqCst);
+            for id in &ids {
+                shared.hooks.revoked(id);
+            }
             return;
         }
         if !shared.closing.load(Ordering::Relaxed) {
@@ -136,11 +139,11 @@ impl StageContext {
                 let pending = tracker.pending_on(id);
                 let first_pending = tracker.first_pending(id);
                 let acked = tracker.forget(id);
+                let stage_checkpoint = shared.hooks.revoked(id);
                 let checkpoint = match shared.policy {
-                    OffsetPolicy::Checkpoint => shared
-                        .hooks
-                        .revoked(id)
-                        .map(|c| cap_below(c, first_pending)),
+                    OffsetPolicy::Checkpoint => {
+                        stage_checkpoint.map(|c| cap_below(c, first_pending))
+                    }
                     _ => acked.map(|next_offset| Checkpoint {
                         next_offset,
                         metadata: None,

@@ -246,7 +246,8 @@ pub trait PartitionHooks: Send + Sync {
     /// Before fetching starts, with the metadata of the partition's committed offset.
     fn assigned(&self, _partition: &PartitionId, _committed_metadata: Option<&str>) {}
 
-    /// On revocation (`Checkpoint` policy): the partition's final checkpoint; its state is dropped.
+    /// On revocation: the partition's final checkpoint (used by the `Checkpoint` policy); the
+    /// stage drops the partition's state.
     fn revoked(&self, _partition: &PartitionId) -> Option<Checkpoint> {
         None
     }
