@@ -121,7 +121,7 @@ pub async fn run<S: Stage>(
     let tracker: Arc<Mutex<AckTracker>> = Arc::default();
     let deliveries = Arc::new(Deliveries::new(spec.name, tracker.clone()));
     let producer = Arc::new(create_producer(kafka, &spec, &log, deliveries.clone())?);
-    let metadata = wait_for_broker(producer.client(), &log, kafka)?;
+    let metadata = blocking(|| wait_for_broker(producer.client(), &log, kafka))?;
     let required: Vec<&str> = spec.required_topics.iter().map(String::as_str).collect();
     require_topics(&metadata, &required, kafka)?;
     warn_unless_co_partitioned(&spec, &metadata);
@@ -182,9 +182,9 @@ pub async fn run<S: Stage>(
         shutdown: shutdown.clone(),
     };
     let mut stage = build(io);
-    let spec_name = spec.name;
-    let spec_inputs = spec.inputs.clone();
+    let in_flight_gauge = metrics::gauge!(format!("eventpipe_{}_in_flight_inputs", spec.name));
     let mut driver = Driver {
+        merging: driver_merges(&spec.inputs),
         max_dead_letter_bytes: spec.max_record_bytes + DEAD_LETTER_HEADROOM,
         spec,
         consumer: Arc::new(consumer),
@@ -193,14 +193,13 @@ pub async fn run<S: Stage>(
         deliveries,
         topics: HashMap::new(),
         held: None,
-        merging: driver_merges(&spec_inputs),
         merger: Merger::new(MERGE_MAX_IDLE, MERGE_MAX_BUFFERED),
         assignment_generation: 0,
         paused: None,
         transaction: None,
         dead_letter_backoff: DEAD_LETTER_FIRST_BACKOFF,
         next_dead_letter_resend: Instant::now(),
-        in_flight_gauge: metrics::gauge!(format!("eventpipe_{}_in_flight_inputs", spec_name)),
+        in_flight_gauge,
     };
     let outcome = driver.run_loop(&mut stage, &shutdown).await;
     let outcome = driver.stop(&mut stage, outcome).await;
@@ -220,14 +219,13 @@ fn create_producer(
     deliveries: Arc<Deliveries>,
 ) -> Result<OutputProducer, KafkaError> {
     let mut config = client_config(kafka, ClientKind::Producer);
-    if config.get("message.max.bytes").is_none() {
-        // Outputs are checked against `max_record_bytes` before sending; dead letters (the
-        // original record plus headers saying why) get the headroom above it.
-        config.set(
-            "message.max.bytes",
-            (spec.max_record_bytes + DEAD_LETTER_HEADROOM).to_string(),
-        );
-    }
+    // Outputs are checked against `max_record_bytes` (the user's `message.max.bytes`, or
+    // librdkafka's default) before sending; dead letters (the original record plus headers saying
+    // why) get the headroom above it.
+    config.set(
+        "message.max.bytes",
+        (spec.max_record_bytes + DEAD_LETTER_HEADROOM).to_string(),
+    );
     if let OffsetPolicy::Transactional {
         transactional_id, ..
     } = &spec.policy
@@ -407,12 +405,16 @@ impl Driver {
             self.sync_assignment();
             // What the merge (or the queue of records that arrived while paused) lets go now.
             let mut wake = None;
-            if self.held.is_none() {
+            if self.held.is_none() && self.merger.buffered() > 0 {
                 match self.merger.next(Instant::now(), |topic, partition, next| {
                     caught_up(&self.consumer, topic, partition, next)
                 }) {
                     Next::Record(message) => {
-                        self.first_attempt(stage, message).await?;
+                        if let Some((dependency, reason)) =
+                            self.first_attempt(stage, &message).await?
+                        {
+                            self.hold(message, dependency, reason);
+                        }
                         if futures::FutureExt::now_or_never(tick.tick()).is_some() {
                             self.on_tick(stage).await?;
                         }
@@ -458,13 +460,7 @@ impl Driver {
                         continue;
                     }
                     // One input topic, nothing queued: straight from librdkafka's buffer.
-                    let topic = self.topic(message.topic());
-                    let record = Record::from_message(&message, &topic);
-                    self.begin(&record);
-                    if let Step::Unavailable { dependency, reason } =
-                        self.attempt(stage, &record).await?
-                    {
-                        drop(record);
+                    if let Some((dependency, reason)) = self.first_attempt(stage, &message).await? {
                         self.hold(message.detach(), dependency, reason);
                     }
                 }
@@ -472,21 +468,20 @@ impl Driver {
         }
     }
 
-    /// The first attempt at a record taken from the merge: begin its bookkeeping, hand it to the
-    /// stage, and hold it if its dependency is down.
-    async fn first_attempt<S: Stage>(
+    /// The first attempt at a record: begin its bookkeeping and hand it to the stage; returns
+    /// why not, if its dependency is down (the caller then holds the record).
+    async fn first_attempt<S: Stage, M: Message>(
         &mut self,
         stage: &mut S,
-        message: OwnedMessage,
-    ) -> Result<(), StageError> {
+        message: &M,
+    ) -> Result<Option<(&'static str, String)>, StageError> {
         let topic = self.topic(message.topic());
-        let record = Record::from_message(&message, &topic);
+        let record = Record::from_message(message, &topic);
         self.begin(&record);
-        if let Step::Unavailable { dependency, reason } = self.attempt(stage, &record).await? {
-            drop(record);
-            self.hold(message, dependency, reason);
-        }
-        Ok(())
+        Ok(match self.attempt(stage, &record).await? {
+            Step::Handled => None,
+            Step::Unavailable { dependency, reason } => Some((dependency, reason)),
+        })
     }
 
     /// After a rebalance, the merge keeps only the assigned partitions' buffers.
