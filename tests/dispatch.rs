@@ -761,6 +761,29 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
         stage.log()
     );
     common::wait_for_committed_end(&settings, &f.group, &f.create, Duration::from_secs(60)).await;
+    // Exactly once reports consumer lag like at least once: caught up on every input partition.
+    let lag = common::wait_until(
+        Duration::from_secs(30),
+        "consumer lag of the exactly-once dispatcher",
+        async || {
+            let lag = common::lag_series(
+                &stage.metrics().await,
+                "eventpipe_dispatch_consumer_lag_messages",
+            );
+            let caught_up = (0..3).all(|p| lag.get(&(f.create.clone(), p)) == Some(&0));
+            if caught_up {
+                Ok(lag)
+            } else {
+                Err(format!("{lag:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        lag.len(),
+        9,
+        "every input partition reports its lag: {lag:?}"
+    );
     let (status, log) = stage.terminate();
     assert!(status.success(), "{log}");
     // Everything a read_committed reader can ever see: anything more than `total` is a duplicate.
@@ -788,7 +811,8 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
         })
         .collect();
 
-    // The first instance alone owns every partition and reports lag for all it has read.
+    // The first instance alone owns every partition of the three inputs and reports lag for
+    // each, read or not (6 partitions × 3 topics).
     let first = f.start(&[]);
     first.wait_ready().await;
     common::produce_all(&settings, &f.create, &records[..1_000]).await;
@@ -798,7 +822,7 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
             .len(),
         1_000
     );
-    wait_for_lag_series(&[&first], |owned| owned[0].len() == 6).await;
+    wait_for_lag_series(&[&first], |owned| owned[0].len() == 18).await;
 
     // A second instance joins: the first's lag series for the partitions it lost disappear.
     let second = f.start(&[]);
@@ -807,7 +831,7 @@ async fn two_instances_share_the_work_and_a_graceful_leave_drains_without_loss_o
     let halfway = common::consume(&settings, &f.info, 20_000, Duration::from_secs(60)).await;
     assert_eq!(halfway.len(), 20_000);
     wait_for_lag_series(&[&first, &second], |owned| {
-        owned[0].len() == 3 && owned[1].len() == 3 && owned[0].is_disjoint(&owned[1])
+        owned[0].len() == 9 && owned[1].len() == 9 && owned[0].is_disjoint(&owned[1])
     })
     .await;
     // The first leaves while the rest of the traffic arrives: its partitions move mid-stream.

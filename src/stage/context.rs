@@ -51,7 +51,8 @@ impl ClientContext for StageContext {
         self.log.error(error, reason);
     }
     fn stats(&self, statistics: Statistics) {
-        lag::record(self.lag_metric, &statistics);
+        let read_committed = matches!(self.shared.policy, OffsetPolicy::Transactional { .. });
+        lag::record(self.lag_metric, &statistics, read_committed);
     }
 }
 

@@ -18,20 +18,40 @@ fn lag_table() -> std::sync::MutexGuard<'static, LagTable> {
     LAG.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Replaces `metric`'s series with the partitions this member owns in `statistics`.
-pub fn record(metric: &'static str, statistics: &Statistics) {
+/// Replaces `metric`'s series with the partitions this member owns in `statistics`. The lag is
+/// counted from the consumer's position, not from its last commit: librdkafka's own
+/// `consumer_lag` is stale under exactly once (offsets are committed through the transaction) and
+/// missing for a group that has never committed. `read_committed` readers end at the last stable
+/// offset.
+pub fn record(metric: &'static str, statistics: &Statistics, read_committed: bool) {
     let mut owned = BTreeMap::new();
     for (topic, stats) in &statistics.topics {
         for (partition, p) in &stats.partitions {
-            // consumer_lag is -1 for partitions this member does not own: they are not reported.
             // Revoked partitions linger in the statistics with their last figures; only those
-            // being fetched are owned.
-            if *partition >= 0 && p.consumer_lag >= 0 && p.fetch_state == "active" {
-                owned.insert((topic.clone(), *partition), p.consumer_lag);
+            // being fetched are owned (partition -1 is librdkafka's internal one).
+            if *partition < 0 || p.fetch_state != "active" {
+                continue;
+            }
+            if let Some(lag) = position_lag(p, read_committed) {
+                owned.insert((topic.clone(), *partition), lag);
             }
         }
     }
     lag_table().insert(metric, owned);
+}
+
+/// Records between the position (the next offset the stage gets; before the first record, the
+/// committed offset, or the beginning) and the end of the partition; `None` while unknown.
+fn position_lag(p: &rdkafka::statistics::Partition, read_committed: bool) -> Option<i64> {
+    let end = if read_committed && p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    let position = [p.app_offset, p.committed_offset, p.lo_offset]
+        .into_iter()
+        .find(|offset| *offset >= 0)?;
+    (end >= 0).then(|| (end - position).max(0))
 }
 
 /// Drops revoked partitions from every lag metric at once, without waiting for the next report.
