@@ -2,7 +2,7 @@
 //! record costs an atomic add instead of a registry lookup and a label allocation.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use metrics::{Counter, Histogram};
 
@@ -42,69 +42,17 @@ impl LoopMetrics {
     }
 }
 
-/// Handles used from the producer's delivery-report thread.
-pub struct DeliveryMetrics {
-    produced: Mutex<HashMap<String, Counter>>,
-    end_to_end_seconds: Histogram,
-}
-
-impl Default for DeliveryMetrics {
-    fn default() -> Self {
-        DeliveryMetrics {
-            produced: Mutex::new(HashMap::new()),
-            end_to_end_seconds: metrics::histogram!("eventpipe_dispatch_end_to_end_seconds"),
-        }
-    }
-}
-
-impl DeliveryMetrics {
-    pub fn produced(&self, topic: &str) {
-        let mut produced = self.produced.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(counter) = produced.get(topic) {
-            counter.increment(1);
-            return;
-        }
-        let counter =
-            metrics::counter!("eventpipe_dispatch_produced_total", "topic" => topic.to_string());
-        counter.increment(1);
-        produced.insert(topic.to_string(), counter);
-    }
-
-    /// Time from the input record's timestamp to its output's acknowledgement.
-    pub fn end_to_end(&self, input_timestamp_ms: i64) {
-        let now = chrono::Utc::now().timestamp_millis();
-        self.end_to_end_seconds
-            .record((now - input_timestamp_ms).max(0) as f64 / 1000.0);
-    }
-}
-
 /// Registers help text (and units) for every dispatcher metric, so /metrics is self-describing
 /// and passes `promtool check metrics`.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_histogram, Unit};
     describe_counter!(
         "eventpipe_dispatch_consumed_total",
         "Input records consumed, by topic."
     );
     describe_counter!(
-        "eventpipe_dispatch_produced_total",
-        "Output records acknowledged by Kafka, by output topic (dead letters included)."
-    );
-    describe_counter!(
         "eventpipe_dispatch_dead_lettered_total",
         "Input records sent to the dead-letter topic, by input topic and error kind."
-    );
-    describe_counter!(
-        "eventpipe_dispatch_dead_letter_retries_total",
-        "Dead-letter writes that failed and were retried."
-    );
-    describe_counter!(
-        "eventpipe_dispatch_transactions_total",
-        "Exactly-once mode: transactions by outcome (committed, aborted)."
-    );
-    describe_gauge!(
-        "eventpipe_dispatch_in_flight_inputs",
-        "Inputs whose outputs are not all acknowledged yet."
     );
     describe_histogram!(
         "eventpipe_dispatch_handler_seconds",

@@ -35,17 +35,8 @@ pub fn describe() {
         "Duration of one bulk request, failed ones included."
     );
     describe_gauge!(
-        "eventpipe_log_in_flight_records",
-        "Consumed records not yet indexed or dead-lettered."
-    );
-    describe_gauge!(
-        "eventpipe_log_paused",
-        "1 while consumption is paused because Elasticsearch is behind or down."
-    );
-    describe_gauge!(
         "eventpipe_log_elasticsearch_up",
         "1 when the last request to Elasticsearch succeeded."
     );
-    metrics::gauge!("eventpipe_log_paused").set(0.0);
     metrics::gauge!("eventpipe_log_elasticsearch_up").set(0.0);
 }

@@ -934,7 +934,7 @@ fn same_partitions(a: &TopicPartitionList, b: &TopicPartitionList) -> bool {
 
 /// Help text for the runtime's metrics of one stage.
 fn describe_metrics(stage: &'static str) {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         format!("eventpipe_{stage}_produced_total"),
         "Output records acknowledged by Kafka, by output topic (dead letters included)."
@@ -943,14 +943,13 @@ fn describe_metrics(stage: &'static str) {
         format!("eventpipe_{stage}_dead_letter_retries_total"),
         "Dead-letter writes that failed and were retried."
     );
-    describe_histogram!(
-        format!("eventpipe_{stage}_end_to_end_seconds"),
-        Unit::Seconds,
-        "Time from the input record's timestamp to its output's acknowledgement."
-    );
     describe_gauge!(
         format!("eventpipe_{stage}_paused"),
         "1 while consumption is paused because a dependency is down or behind."
+    );
+    describe_counter!(
+        format!("eventpipe_{stage}_transactions_total"),
+        "Exactly once: transactions by outcome (committed, aborted)."
     );
     describe_counter!(
         "eventpipe_stage_commit_failures_total",
@@ -960,4 +959,5 @@ fn describe_metrics(stage: &'static str) {
         format!("eventpipe_{stage}_in_flight_inputs"),
         "Inputs consumed and not yet acknowledged (or awaiting their dead letter)."
     );
+    metrics::gauge!(format!("eventpipe_{stage}_paused")).set(0.0);
 }
