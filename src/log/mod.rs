@@ -42,9 +42,11 @@ pub async fn run(
     readiness.set("elasticsearch", true);
     ::metrics::gauge!("eventpipe_log_elasticsearch_up").set(1.0);
     let codec = Codec::from_settings(settings, SchemaName::Event)?;
-    pipeline::run(&settings.kafka, &log, client, codec, readiness, shutdown)
+    let summary = pipeline::run(&settings.kafka, &log, client, codec, readiness, shutdown)
         .await
-        .context("log stage")
+        .context("log stage")?;
+    println!("log stopped: {summary}");
+    Ok(())
 }
 
 /// Puts the index template, retrying while Elasticsearch is unreachable; false if shutdown

@@ -3,7 +3,7 @@
 //! commits and dead-letters. Records are acknowledged when Elasticsearch has them.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,6 +100,36 @@ impl Batch {
     }
 }
 
+/// What a log stage run did, for the caller's summary line.
+#[derive(Debug, Default)]
+pub struct LogSummary {
+    pub consumed: AtomicU64,
+    pub indexed: AtomicU64,
+    /// Documents Elasticsearch already had (a re-delivery after a restart or rebalance).
+    pub already_indexed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+impl LogSummary {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Display for LogSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "consumed {}, indexed {}, already indexed {}, dead-lettered {}",
+            get(&self.consumed),
+            get(&self.indexed),
+            get(&self.already_indexed),
+            get(&self.dead_lettered)
+        )
+    }
+}
+
 /// The log stage as the runtime sees it.
 pub fn stage_spec(kafka: &KafkaSettings, settings: &LogSettings) -> StageSpec {
     StageSpec {
@@ -139,7 +169,7 @@ pub async fn run(
     codec: Codec,
     readiness: Readiness,
     shutdown: CancellationToken,
-) -> Result<(), StageError> {
+) -> Result<Arc<LogSummary>, StageError> {
     // Records handed to the indexer and not yet acknowledged or dead-lettered.
     let handed = Arc::new(AtomicUsize::new(0));
     tracing::info!(
@@ -159,7 +189,7 @@ pub async fn run(
         |io| LogStage::start(settings.clone(), elasticsearch, codec, io, handed),
     )
     .await
-    .map(|_| ())
+    .map(|stage| stage.summary)
 }
 
 /// The log stage's state between records: the filling batch, a closed one waiting for room,
@@ -180,6 +210,7 @@ pub struct LogStage {
     /// Set when the indexer stopped for good.
     fatal: Arc<Mutex<Option<String>>>,
     consumed: metrics::Counter,
+    summary: Arc<LogSummary>,
 }
 
 impl LogStage {
@@ -191,6 +222,7 @@ impl LogStage {
         handed: Arc<AtomicUsize>,
     ) -> LogStage {
         let (batches, receiver) = mpsc::channel::<Batch>(1);
+        let summary = Arc::new(LogSummary::default());
         let give_up = CancellationToken::new();
         let fatal: Arc<Mutex<Option<String>>> = Arc::default();
         let indexer = Indexer {
@@ -201,6 +233,7 @@ impl LogStage {
             retry_max: settings.retry_max_backoff,
             give_up: give_up.clone(),
             metrics: IndexerMetrics::default(),
+            summary: summary.clone(),
         };
         let concurrency = settings.bulk_concurrency;
         let indexer = {
@@ -224,6 +257,7 @@ impl LogStage {
             handed,
             give_up,
             fatal,
+            summary,
         }
     }
 
@@ -280,6 +314,7 @@ impl Stage for LogStage {
         }
         let decoded = available("log", self.codec.decode(record.topic, record.payload).await)?;
         self.consumed.increment(1);
+        LogSummary::add(&self.summary.consumed);
         match prepare(record, &decoded, &self.settings) {
             Ok(lines) => {
                 self.batch.push(Work {
@@ -395,6 +430,7 @@ struct Indexer {
     /// Cancelled at the drain deadline: stop retrying and leave the rest unacknowledged.
     give_up: CancellationToken,
     metrics: IndexerMetrics,
+    summary: Arc<LogSummary>,
 }
 
 /// Metric handles resolved once, off the per-document path.
@@ -494,10 +530,12 @@ impl Indexer {
                             ItemOutcome::Indexed => {
                                 self.ack(&original);
                                 self.metrics.indexed.increment(1);
+                                LogSummary::add(&self.summary.indexed);
                             }
                             ItemOutcome::AlreadyIndexed => {
                                 self.ack(&original);
                                 self.metrics.already_indexed.increment(1);
+                                LogSummary::add(&self.summary.already_indexed);
                             }
                             ItemOutcome::Retry { reason } => {
                                 retry_reason = reason;
@@ -518,6 +556,7 @@ impl Indexer {
                                     ],
                                 };
                                 metrics::counter!("eventpipe_log_dead_lettered_total", "kind" => REJECTED_KIND).increment(1);
+                                LogSummary::add(&self.summary.dead_lettered);
                                 self.io
                                     .dead_letters
                                     .send(&original.record(), &dead_letter)
