@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::codec::{CodecSettings, Format};
+pub use crate::settings::{ConfigError, SettingName};
 use clap::Args;
 use serde::Deserialize;
 use url::Url;
@@ -21,42 +22,6 @@ pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
 /// Environment variables with this prefix become librdkafka properties:
 /// `EVENTPIPE_KAFKA_SECURITY_PROTOCOL=SSL` sets `security.protocol=SSL`.
 pub const KAFKA_PROPERTY_ENV_PREFIX: &str = "EVENTPIPE_KAFKA_";
-
-/// A bad setting, always rendered as one line that names the setting and where it can be set.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
-    #[error("invalid setting {setting} = {value:?}: {reason}")]
-    Invalid {
-        setting: String,
-        value: String,
-        reason: String,
-    },
-}
-
-impl ConfigError {
-    fn invalid(name: &SettingName, value: impl Into<String>, reason: impl ToString) -> Self {
-        ConfigError::Invalid {
-            setting: name.to_string(),
-            value: value.into(),
-            reason: reason.to_string(),
-        }
-    }
-}
-
-/// How one setting is spelled in each layer, so errors can tell the user where to fix it.
-pub struct SettingName {
-    pub key: &'static str,
-    pub env: &'static str,
-    pub flag: &'static str,
-}
-
-impl std::fmt::Display for SettingName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (env {}, flag {})", self.key, self.env, self.flag)
-    }
-}
 
 const BOOTSTRAP: SettingName = SettingName {
     key: "kafka.bootstrap_servers",
@@ -355,11 +320,9 @@ impl DispatchSettings {
         let topics = args.input_topics.clone().or(file.input_topics.clone());
         let input = match (pattern, topics) {
             (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    &DISPATCH_INPUT,
-                    "both",
-                    "set a topic list or a pattern, not both",
-                ))
+                return Err(
+                    DISPATCH_INPUT.invalid("both", "set a topic list or a pattern, not both")
+                )
             }
             (Some(pattern), None) => {
                 // librdkafka treats a subscription starting with ^ as a regular expression.
@@ -381,15 +344,14 @@ impl DispatchSettings {
                     .map(|t| t.trim().to_string())
                     .filter(|t| !t.is_empty())
                     .collect();
-                if let Some(bad) = topics.iter().find(|t| !crate::topics::valid_topic_name(t)) {
-                    return Err(ConfigError::invalid(
-                        &DISPATCH_INPUT,
-                        bad.as_str(),
-                        "not a valid topic name",
-                    ));
+                if let Some(bad) = topics
+                    .iter()
+                    .find(|t| !crate::settings::valid_topic_name(t))
+                {
+                    return Err(DISPATCH_INPUT.invalid(bad.as_str(), "not a valid topic name"));
                 }
                 if topics.is_empty() {
-                    return Err(ConfigError::invalid(&DISPATCH_INPUT, "", "no input topics"));
+                    return Err(DISPATCH_INPUT.invalid("", "no input topics"));
                 }
                 InputTopics::Names(topics)
             }
@@ -399,11 +361,9 @@ impl DispatchSettings {
             .or(file.max_envelope_bytes)
             .unwrap_or(crate::envelope::DEFAULT_MAX_ENVELOPE_BYTES);
         if max_envelope_bytes < 64 {
-            return Err(ConfigError::invalid(
-                &DISPATCH_MAX_BYTES,
-                max_envelope_bytes.to_string(),
-                "must be at least 64",
-            ));
+            return Err(
+                DISPATCH_MAX_BYTES.invalid(max_envelope_bytes.to_string(), "must be at least 64")
+            );
         }
         let group_id = args
             .group_id
@@ -537,17 +497,15 @@ impl Settings {
         let mut properties = file.kafka.properties;
         properties.extend(env_properties);
         for pair in &args.kafka_properties {
-            let (key, value) = pair.split_once('=').ok_or_else(|| {
-                ConfigError::invalid(&KAFKA_PROPERTY, pair.as_str(), "expected KEY=VALUE")
-            })?;
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| KAFKA_PROPERTY.invalid(pair.as_str(), "expected KEY=VALUE"))?;
             properties.insert(key.trim().to_string(), value.trim().to_string());
         }
         if properties.contains_key("bootstrap.servers") {
-            return Err(ConfigError::invalid(
-                &KAFKA_PROPERTY,
-                "bootstrap.servers",
-                format!("set {BOOTSTRAP} instead"),
-            ));
+            return Err(
+                KAFKA_PROPERTY.invalid("bootstrap.servers", format!("set {BOOTSTRAP} instead"))
+            );
         }
 
         let connect_timeout_secs = args
@@ -555,11 +513,7 @@ impl Settings {
             .or(file.kafka.connect_timeout_secs)
             .unwrap_or(15);
         if connect_timeout_secs == 0 {
-            return Err(ConfigError::invalid(
-                &CONNECT_TIMEOUT,
-                "0",
-                "must be at least 1",
-            ));
+            return Err(CONNECT_TIMEOUT.invalid("0", "must be at least 1"));
         }
 
         let elasticsearch_url = parse_http_url(
@@ -593,13 +547,7 @@ impl Settings {
         {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &LOG_FORMAT,
-                    other,
-                    "expected text or json",
-                ))
-            }
+            Some(other) => return Err(LOG_FORMAT.invalid(other, "expected text or json")),
         };
         let log_filter = args
             .log_level
@@ -613,11 +561,7 @@ impl Settings {
             .or(file.telemetry.metrics_address)
             .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
         let metrics_address = metrics_raw.parse::<SocketAddr>().map_err(|e| {
-            ConfigError::invalid(
-                &METRICS_ADDRESS,
-                metrics_raw.as_str(),
-                format!("{e} (expected IP:PORT)"),
-            )
+            METRICS_ADDRESS.invalid(metrics_raw.as_str(), format!("{e} (expected IP:PORT)"))
         })?;
 
         let storage_type = match args
@@ -630,13 +574,7 @@ impl Settings {
         {
             None | Some("kafka") => StorageType::Kafka,
             Some("postgres") | Some("postgresql") => StorageType::Postgres,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &STORAGE_TYPE,
-                    other,
-                    "expected kafka or postgres",
-                ))
-            }
+            Some(other) => return Err(STORAGE_TYPE.invalid(other, "expected kafka or postgres")),
         };
         let output_topic = args
             .kafka_topic
@@ -645,20 +583,12 @@ impl Settings {
             .unwrap_or_else(|| "events_aggregated".into());
         let interval_secs = match &args.aggregation_interval {
             Some(raw) => raw.trim().parse::<u64>().map_err(|_| {
-                ConfigError::invalid(
-                    &AGGREGATION_INTERVAL,
-                    raw.as_str(),
-                    "expected whole seconds",
-                )
+                AGGREGATION_INTERVAL.invalid(raw.as_str(), "expected whole seconds")
             })?,
             None => file.aggregate.interval_secs.unwrap_or(60),
         };
         if interval_secs == 0 {
-            return Err(ConfigError::invalid(
-                &AGGREGATION_INTERVAL,
-                "0",
-                "must be at least 1 second",
-            ));
+            return Err(AGGREGATION_INTERVAL.invalid("0", "must be at least 1 second"));
         }
 
         let dispatch = DispatchSettings::resolve(&DispatchArgs::default(), &file.dispatch)?;
@@ -692,7 +622,7 @@ impl Settings {
 
 fn parse_format(name: &SettingName, raw: &str) -> Result<Format, ConfigError> {
     raw.parse::<Format>()
-        .map_err(|reason| ConfigError::invalid(name, raw, reason))
+        .map_err(|reason| name.invalid(raw, reason))
 }
 
 /// Formats: flags (and their variables) over the file's `[codec]` table, json by default.
@@ -704,15 +634,11 @@ fn resolve_codec(args: &SettingsArgs, file: FileCodec) -> Result<CodecSettings, 
         topics.insert(topic, parse_format(&TOPIC_FORMAT, &raw)?);
     }
     for pair in args.topic_formats.iter().filter(|p| !p.trim().is_empty()) {
-        let (topic, raw) = pair.split_once('=').ok_or_else(|| {
-            ConfigError::invalid(&TOPIC_FORMAT, pair.as_str(), "expected TOPIC=json|avro")
-        })?;
-        if !crate::topics::valid_topic_name(topic.trim()) {
-            return Err(ConfigError::invalid(
-                &TOPIC_FORMAT,
-                pair.as_str(),
-                "not a valid topic name",
-            ));
+        let (topic, raw) = pair
+            .split_once('=')
+            .ok_or_else(|| TOPIC_FORMAT.invalid(pair.as_str(), "expected TOPIC=json|avro"))?;
+        if !crate::settings::valid_topic_name(topic.trim()) {
+            return Err(TOPIC_FORMAT.invalid(pair.as_str(), "not a valid topic name"));
         }
         topics.insert(topic.trim().to_string(), parse_format(&TOPIC_FORMAT, raw)?);
     }
@@ -785,11 +711,7 @@ pub fn kafka_properties_from_env(
 
 fn validate_bootstrap(servers: &str) -> Result<(), ConfigError> {
     if servers.trim().is_empty() {
-        return Err(ConfigError::invalid(
-            &BOOTSTRAP,
-            servers,
-            "must not be empty",
-        ));
+        return Err(BOOTSTRAP.invalid(servers, "must not be empty"));
     }
     for server in servers.split(',') {
         let server = server.trim();
@@ -800,11 +722,7 @@ fn validate_bootstrap(servers: &str) -> Result<(), ConfigError> {
             .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
             .unwrap_or(false);
         if !valid {
-            return Err(ConfigError::invalid(
-                &BOOTSTRAP,
-                servers,
-                format!("{server:?} is not host:port"),
-            ));
+            return Err(BOOTSTRAP.invalid(servers, format!("{server:?} is not host:port")));
         }
     }
     Ok(())
@@ -816,16 +734,14 @@ fn parse_http_url(
     default: &str,
 ) -> Result<Url, ConfigError> {
     let raw = raw.unwrap_or_else(|| default.into());
-    let mut url =
-        Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(name, raw.as_str(), e))?;
+    let mut url = Url::parse(raw.trim()).map_err(|e| name.invalid(raw.as_str(), e))?;
     // A trailing slash makes `join("subjects")` append instead of replacing the last segment.
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
         url.set_path(&path);
     }
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ConfigError::invalid(
-            name,
+        return Err(name.invalid(
             raw.as_str(),
             "expected an http:// or https:// URL with a host",
         ));
@@ -834,11 +750,9 @@ fn parse_http_url(
 }
 
 fn parse_postgres_url(raw: String) -> Result<Url, ConfigError> {
-    let url =
-        Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(&POSTGRES, redact_url(&raw), e))?;
+    let url = Url::parse(raw.trim()).map_err(|e| POSTGRES.invalid(redact_url(&raw), e))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(ConfigError::invalid(
-            &POSTGRES,
+        return Err(POSTGRES.invalid(
             redact_url(&raw),
             "expected postgres://user:password@host:port/database",
         ));

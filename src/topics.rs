@@ -2,6 +2,7 @@
 //! them: create what is missing, grow partitions, set configs — never delete or shrink.
 
 use crate::codec::SchemaName;
+use crate::settings::valid_topic_name;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -225,17 +226,6 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
         }
     }
     Ok(specs)
-}
-
-/// Kafka's legal topic names.
-pub fn valid_topic_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Compares the definitions with the cluster and lists the changes, one or more per topic.

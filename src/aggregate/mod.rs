@@ -134,7 +134,7 @@ pub fn resolve(
         .or(file.metrics_topic.clone())
         .unwrap_or_else(|| "service_metrics".into());
     for topic in [&input_topic, &metrics_topic] {
-        if !crate::topics::valid_topic_name(topic) {
+        if !crate::settings::valid_topic_name(topic) {
             return Err(invalid(&INPUT_TOPIC, topic, "not a valid topic name"));
         }
     }

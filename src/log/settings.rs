@@ -237,7 +237,7 @@ impl LogSettings {
             .clone()
             .or(file.input_topic.clone())
             .unwrap_or_else(|| "info_in".into());
-        if !crate::topics::valid_topic_name(&input_topic) {
+        if !crate::settings::valid_topic_name(&input_topic) {
             return Err(invalid(&INPUT_TOPIC, input_topic, "not a valid topic name"));
         }
         let dead_letter_topic = args
@@ -245,7 +245,8 @@ impl LogSettings {
             .clone()
             .or(file.dead_letter_topic.clone())
             .unwrap_or_else(|| crate::stage::dead_letter::dead_letter_topic(&input_topic, ".dlq"));
-        if !crate::topics::valid_topic_name(&dead_letter_topic) || dead_letter_topic == input_topic
+        if !crate::settings::valid_topic_name(&dead_letter_topic)
+            || dead_letter_topic == input_topic
         {
             return Err(invalid(
                 &DEAD_LETTER_TOPIC,
