@@ -1,6 +1,7 @@
 //! `eventpipe dispatch`: consumes the services' input topics, routes each envelope by action
 //! through the handler registry, and emits enriched envelopes, at least once, with dead letters.
 
+pub mod handler;
 pub mod handlers;
 pub mod metrics;
 pub mod pipeline;
