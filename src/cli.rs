@@ -395,6 +395,7 @@ async fn start_stage(
     telemetry::serve(
         settings.telemetry.metrics_address,
         readiness.clone(),
+        crate::stage::lag::render,
         shutdown.clone(),
     )
     .await?;
