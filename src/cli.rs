@@ -12,8 +12,8 @@ use crate::config::{
     redact_url, ConfigError, DispatchArgs, DispatchSettings, Settings, SettingsArgs,
 };
 use crate::generate::{self, GenerateOptions, TrafficKind};
-use crate::kafka::admin::{topic_rows, Admin};
 use crate::produce::{self, ProduceOptions};
+use crate::topics::admin::{topic_rows, Admin};
 use crate::{shutdown, telemetry, topics};
 
 #[derive(Debug, Parser)]

@@ -1,13 +1,17 @@
 //! Topic definitions (topics/topics.toml) and the pure plan that brings a cluster in line with
-//! them: create what is missing, grow partitions, set configs — never delete or shrink.
+//! them: create what is missing, grow partitions, set configs — never delete or shrink; `admin`
+//! reads and changes a live cluster.
 
-use crate::codec::SchemaName;
-use crate::settings::valid_topic_name;
+pub mod admin;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::codec::SchemaName;
+use crate::settings::valid_topic_name;
 
 /// Suffix of dead-letter topics: `<input topic>.dlq`.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
