@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::{
-    redact_url, ConfigError, DispatchArgs, DispatchSettings, Settings, SettingsArgs,
-};
+use crate::aggregate::{AggregateArgs, AggregateSettings, FileAggregate};
+use crate::config::{redact_url, Settings, SettingsArgs};
+use crate::dispatch::settings::FileDispatch;
+use crate::dispatch::{DispatchArgs, DispatchSettings};
 use crate::generate::{self, GenerateOptions, TrafficKind};
+use crate::log::{FileLog, LogArgs, LogSettings};
 use crate::produce::{self, ProduceOptions};
+use crate::settings::ConfigError;
 use crate::topics::admin::{topic_rows, Admin};
 use crate::{shutdown, telemetry, topics};
 
@@ -39,12 +42,12 @@ pub enum Command {
     /// Ship info_in to Elasticsearch as documents for Kibana.
     Log {
         #[command(flatten)]
-        args: crate::log::LogArgs,
+        args: LogArgs,
     },
     /// Windowed aggregation by name, function and interval, to Kafka or PostgreSQL.
     Aggregate {
         #[command(flatten)]
-        args: crate::aggregate::AggregateArgs,
+        args: AggregateArgs,
     },
     /// Create and inspect the topics defined under topics/.
     Topics {
@@ -179,7 +182,7 @@ pub fn run_main<F>(args: &SettingsArgs, command: impl FnOnce(Settings) -> F) -> 
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let settings = match Settings::load(args) {
+    let settings = match Settings::load(args).and_then(check_stage_tables) {
         Ok(settings) => settings,
         Err(error) => return report(&anyhow::Error::new(error)),
     };
@@ -192,6 +195,15 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }
+}
+
+/// A mistake in any stage's table of the config file fails every command, as one in a global
+/// table does: a typo does not wait for the stage it concerns to start.
+fn check_stage_tables(settings: Settings) -> Result<Settings, ConfigError> {
+    settings.file.table::<FileDispatch>()?;
+    settings.file.table::<FileLog>()?;
+    settings.file.table::<FileAggregate>()?;
+    Ok(settings)
 }
 
 /// `eventpipe schemas register|check`: one line per subject, an error if any is incompatible.
@@ -266,7 +278,7 @@ fn report(error: &anyhow::Error) -> ExitCode {
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Dispatch { args } => {
-            let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
+            let dispatch = DispatchSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
             let (formats, schema_registry) = crate::codec::shared(&settings)?;
@@ -287,12 +299,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Log { args } => {
+            let log = LogSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
-            crate::log::run(&settings, args, readiness, shutdown).await
+            crate::log::run(&settings, log, readiness, shutdown).await
         }
         Command::Aggregate { args } => {
+            let aggregate = AggregateSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
-            crate::aggregate::run(&settings, args, readiness, shutdown).await
+            crate::aggregate::run(&settings, aggregate, readiness, shutdown).await
         }
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {

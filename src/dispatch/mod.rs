@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod routes;
+pub mod settings;
 pub mod transform;
 
 use std::sync::Arc;
@@ -14,11 +15,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, DispatchSettings, KafkaSettings};
+use crate::config::KafkaSettings;
+use crate::settings::ConfigError;
 use crate::stage::{DeadLetterTopic, InputTopics, NoHooks, OffsetPolicy, StageSpec};
 use crate::telemetry::Readiness;
 pub use pipeline::{DispatchStage, DispatchSummary};
 use registry::HandlerRegistry;
+pub use settings::{DispatchArgs, DispatchSettings};
 use transform::{DispatchCodecs, Transformer};
 
 use crate::codec;
