@@ -16,7 +16,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use url::Url;
 
-use crate::settings::{topic_name, ConfigError, FileTable, Setting, SettingName};
+use crate::settings::{layer, topic_name, ConfigError, FileTable, Setting, SettingName};
 
 /// Defaults point at the local stack that `scripts/stack up` starts, so a developer needs no setup.
 pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:19092";
@@ -122,11 +122,13 @@ pub struct SettingsArgs {
     /// How long to wait for Kafka before giving up with an error.
     #[arg(long, global = true, env = "EVENTPIPE_CONNECT_TIMEOUT_SECS")]
     pub connect_timeout_secs: Option<u64>,
-    #[arg(long, global = true, env = "ELASTICSEARCH_URL")]
+    /// Elasticsearch URL (also a flag of the commands that use it).
+    #[arg(long, env = "ELASTICSEARCH_URL")]
     pub elasticsearch_url: Option<String>,
     #[arg(long, global = true, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
-    #[arg(long, global = true, env = "POSTGRES_CONNECTION_STRING")]
+    /// PostgreSQL URL (also a flag of the commands that use it).
+    #[arg(long, env = "POSTGRES_CONNECTION_STRING")]
     pub postgres_url: Option<String>,
     /// Format of the topics a stage reads: json or avro (Confluent framing, schema registry).
     #[arg(long, global = true, env = "EVENTPIPE_INPUT_FORMAT")]
@@ -153,9 +155,61 @@ pub struct SettingsArgs {
     /// Log filter in RUST_LOG syntax, e.g. `info,eventpipe=debug`.
     #[arg(long, global = true, env = "EVENTPIPE_LOG")]
     pub log_level: Option<String>,
-    /// Address of the /metrics, /health and /ready endpoint.
-    #[arg(long, global = true, env = "EVENTPIPE_METRICS_ADDRESS")]
+    /// Address of the /metrics, /health and /ready endpoint (also a flag of the stages).
+    #[arg(long, env = "EVENTPIPE_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+}
+
+// Global settings only some commands use: their flags are flattened into those commands alone,
+// so only their `--help` offers them. Before the command (and as environment variables) they
+// are `SettingsArgs`'s, as they always were; given after it, they win.
+
+/// `--elasticsearch-url` of the commands that talk to Elasticsearch.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ElasticsearchArgs {
+    /// Elasticsearch URL [env: ELASTICSEARCH_URL] (default: the local stack's).
+    #[arg(long, value_name = "URL")]
+    pub elasticsearch_url: Option<String>,
+}
+
+/// `--postgres-url` of the commands that talk to PostgreSQL.
+#[derive(Debug, Default, Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL URL [env: POSTGRES_CONNECTION_STRING] (default: the local stack's).
+    #[arg(long, value_name = "URL")]
+    pub postgres_url: Option<String>,
+}
+
+/// `--metrics-address` of the long-running stages.
+#[derive(Debug, Default, Clone, Args)]
+pub struct MetricsArgs {
+    /// Address of the /metrics, /health and /ready endpoint [env: EVENTPIPE_METRICS_ADDRESS]
+    /// (default: 127.0.0.1:9464).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_address: Option<String>,
+}
+
+impl SettingsArgs {
+    /// These settings with a command's own flags for them (given after the command) on top.
+    pub fn with_command_flags(
+        &self,
+        elasticsearch: Option<&ElasticsearchArgs>,
+        postgres: Option<&PostgresArgs>,
+        metrics: Option<&MetricsArgs>,
+    ) -> SettingsArgs {
+        let after = |flag: Option<&Option<String>>, before: &Option<String>| {
+            layer(flag.unwrap_or(&None), before)
+        };
+        SettingsArgs {
+            elasticsearch_url: after(
+                elasticsearch.map(|a| &a.elasticsearch_url),
+                &self.elasticsearch_url,
+            ),
+            postgres_url: after(postgres.map(|a| &a.postgres_url), &self.postgres_url),
+            metrics_address: after(metrics.map(|a| &a.metrics_address), &self.metrics_address),
+            ..self.clone()
+        }
+    }
 }
 
 /// The config file's global tables; unknown keys are errors so typos do not pass silently.
@@ -671,6 +725,22 @@ mod tests {
         assert_eq!(s.kafka.bootstrap_servers, "flag:2");
         assert_eq!(s.kafka.connect_timeout, Duration::from_secs(5));
         assert_eq!(s.codec.input, Format::Json);
+    }
+
+    #[test]
+    fn a_commands_own_flags_beat_those_before_it() {
+        let before = SettingsArgs {
+            elasticsearch_url: Some("http://before:1".into()),
+            postgres_url: Some("postgres://before/db".into()),
+            ..Default::default()
+        };
+        let after = ElasticsearchArgs {
+            elasticsearch_url: Some("http://after:2".into()),
+        };
+        let args = before.with_command_flags(Some(&after), Some(&PostgresArgs::default()), None);
+        assert_eq!(args.elasticsearch_url.as_deref(), Some("http://after:2"));
+        assert_eq!(args.postgres_url.as_deref(), Some("postgres://before/db"));
+        assert_eq!(args.metrics_address, None);
     }
 
     #[test]
