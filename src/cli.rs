@@ -8,12 +8,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::aggregate::{AggregateArgs, AggregateSettings, FileAggregate};
 use crate::config::{
-    redact_url, ConfigError, DispatchArgs, DispatchSettings, Settings, SettingsArgs,
+    redact_url, ElasticsearchArgs, MetricsArgs, PostgresArgs, Settings, SettingsArgs,
 };
+use crate::dispatch::settings::FileDispatch;
+use crate::dispatch::{DispatchArgs, DispatchSettings};
 use crate::generate::{self, GenerateOptions, TrafficKind};
-use crate::kafka::admin::{topic_rows, Admin};
+use crate::log::{FileLog, LogArgs, LogSettings};
 use crate::produce::{self, ProduceOptions};
+use crate::settings::ConfigError;
+use crate::topics::admin::{topic_rows, Admin};
 use crate::{shutdown, telemetry, topics};
 
 #[derive(Debug, Parser)]
@@ -35,16 +40,26 @@ pub enum Command {
     Dispatch {
         #[command(flatten)]
         args: DispatchArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Ship info_in to Elasticsearch as documents for Kibana.
     Log {
         #[command(flatten)]
-        args: crate::log::LogArgs,
+        args: LogArgs,
+        #[command(flatten)]
+        elasticsearch: ElasticsearchArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Windowed aggregation by name, function and interval, to Kafka or PostgreSQL.
     Aggregate {
         #[command(flatten)]
-        args: crate::aggregate::AggregateArgs,
+        args: AggregateArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Create and inspect the topics defined under topics/.
     Topics {
@@ -99,7 +114,12 @@ pub enum Command {
         idle_secs: u64,
     },
     /// Check that Kafka, Elasticsearch, the schema registry and PostgreSQL answer.
-    Check,
+    Check {
+        #[command(flatten)]
+        elasticsearch: ElasticsearchArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
     /// Avro schemas under schemas/ against the registry's `<topic>-value` subjects.
     Schemas {
         #[command(subcommand)]
@@ -166,10 +186,34 @@ pub enum TopicsCommand {
     },
 }
 
+impl Command {
+    /// The global settings' flags with this command's own flags for them on top.
+    fn settings_args(&self, global: &SettingsArgs) -> SettingsArgs {
+        let (elasticsearch, postgres, metrics) = match self {
+            Command::Dispatch { metrics, .. } => (None, None, Some(metrics)),
+            Command::Log {
+                elasticsearch,
+                metrics,
+                ..
+            } => (Some(elasticsearch), None, Some(metrics)),
+            Command::Aggregate {
+                postgres, metrics, ..
+            } => (None, Some(postgres), Some(metrics)),
+            Command::Check {
+                elasticsearch,
+                postgres,
+            } => (Some(elasticsearch), Some(postgres), None),
+            _ => (None, None, None),
+        };
+        global.with_command_flags(elasticsearch, postgres, metrics)
+    }
+}
+
 /// Parses arguments, runs the command and turns any error into one line on stderr.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    run_main(&cli.settings, |settings| run(cli.command, settings))
+    let args = cli.command.settings_args(&cli.settings);
+    run_main(&args, |settings| run(cli.command, settings))
 }
 
 /// The edge every eventpipe binary shares (`eventpipe`, `eventpipe-bench`): loads the settings
@@ -179,7 +223,7 @@ pub fn run_main<F>(args: &SettingsArgs, command: impl FnOnce(Settings) -> F) -> 
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let settings = match Settings::load(args) {
+    let settings = match Settings::load(args).and_then(check_stage_tables) {
         Ok(settings) => settings,
         Err(error) => return report(&anyhow::Error::new(error)),
     };
@@ -192,6 +236,15 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }
+}
+
+/// A mistake in any stage's table of the config file fails every command, as one in a global
+/// table does: a typo does not wait for the stage it concerns to start.
+fn check_stage_tables(settings: Settings) -> Result<Settings, ConfigError> {
+    settings.file.table::<FileDispatch>()?;
+    settings.file.table::<FileLog>()?;
+    settings.file.table::<FileAggregate>()?;
+    Ok(settings)
 }
 
 /// `eventpipe schemas register|check`: one line per subject, an error if any is incompatible.
@@ -265,8 +318,8 @@ fn report(error: &anyhow::Error) -> ExitCode {
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
-        Command::Dispatch { args } => {
-            let dispatch = DispatchSettings::resolve(&args, &settings.file_dispatch)?;
+        Command::Dispatch { args, .. } => {
+            let dispatch = DispatchSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             let registry = crate::dispatch::registry::HandlerRegistry::with_builtins();
             let (formats, schema_registry) = crate::codec::shared(&settings)?;
@@ -286,13 +339,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Log { args } => {
+        Command::Log { args, .. } => {
+            let log = LogSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
-            crate::log::run(&settings, args, readiness, shutdown).await
+            crate::log::run(&settings, log, readiness, shutdown).await
         }
-        Command::Aggregate { args } => {
+        Command::Aggregate { args, .. } => {
+            let aggregate = AggregateSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
-            crate::aggregate::run(&settings, args, readiness, shutdown).await
+            crate::aggregate::run(&settings, aggregate, readiness, shutdown).await
         }
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {
@@ -378,7 +433,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
-        Command::Check => check(&settings).await,
+        Command::Check { .. } => check(&settings).await,
         Command::Schemas { command } => match command {
             SchemasCommand::Register { args } => run_schemas(&settings, &args, true).await,
             SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
@@ -395,6 +450,7 @@ async fn start_stage(
     telemetry::serve(
         settings.telemetry.metrics_address,
         readiness.clone(),
+        crate::stage::lag::render,
         shutdown.clone(),
     )
     .await?;

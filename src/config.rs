@@ -1,15 +1,22 @@
-//! Typed settings for every command, layered flags > environment > config file > defaults.
-//! Environment names follow the existing services (KAFKA_BOOTSTRAP_SERVERS, STORAGE_TYPE, ...).
+//! The global settings — Kafka, the shared services' URLs, record formats, telemetry — and the
+//! config file, whose per-stage tables (`[dispatch]`, `[log]`, `[aggregate]`) each stage reads
+//! itself (`ConfigFile::table`). Resolution is `settings::Setting`'s: flags > environment >
+//! config file > defaults. Environment names follow the existing services
+//! (KAFKA_BOOTSTRAP_SERVERS, ELASTICSEARCH_URL, ...).
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use crate::codec::{CodecSettings, Format};
 use clap::Args;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use url::Url;
+
+use crate::settings::{layer, topic_name, ConfigError, FileTable, Setting, SettingName};
 
 /// Defaults point at the local stack that `scripts/stack up` starts, so a developer needs no setup.
 pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:19092";
@@ -22,107 +29,78 @@ pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
 /// `EVENTPIPE_KAFKA_SECURITY_PROTOCOL=SSL` sets `security.protocol=SSL`.
 pub const KAFKA_PROPERTY_ENV_PREFIX: &str = "EVENTPIPE_KAFKA_";
 
-/// A bad setting, always rendered as one line that names the setting and where it can be set.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
-    #[error("invalid setting {setting} = {value:?}: {reason}")]
-    Invalid {
-        setting: String,
-        value: String,
-        reason: String,
-    },
-}
-
-impl ConfigError {
-    fn invalid(name: &SettingName, value: impl Into<String>, reason: impl ToString) -> Self {
-        ConfigError::Invalid {
-            setting: name.to_string(),
-            value: value.into(),
-            reason: reason.to_string(),
-        }
-    }
-}
-
-/// How one setting is spelled in each layer, so errors can tell the user where to fix it.
-pub struct SettingName {
-    pub key: &'static str,
-    pub env: &'static str,
-    pub flag: &'static str,
-}
-
-impl std::fmt::Display for SettingName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (env {}, flag {})", self.key, self.env, self.flag)
-    }
-}
-
-const BOOTSTRAP: SettingName = SettingName {
-    key: "kafka.bootstrap_servers",
-    env: "KAFKA_BOOTSTRAP_SERVERS",
-    flag: "--bootstrap-servers",
-};
-const CONNECT_TIMEOUT: SettingName = SettingName {
-    key: "kafka.connect_timeout_secs",
-    env: "EVENTPIPE_CONNECT_TIMEOUT_SECS",
-    flag: "--connect-timeout-secs",
-};
-const KAFKA_PROPERTY: SettingName = SettingName {
-    key: "kafka.properties",
-    env: "EVENTPIPE_KAFKA_<PROPERTY>",
-    flag: "-X/--kafka-property",
-};
-const ELASTICSEARCH: SettingName = SettingName {
-    key: "elasticsearch.url",
-    env: "ELASTICSEARCH_URL",
-    flag: "--elasticsearch-url",
-};
-const SCHEMA_REGISTRY: SettingName = SettingName {
-    key: "schema_registry.url",
-    env: "SCHEMA_REGISTRY_URL",
-    flag: "--schema-registry-url",
-};
-const INPUT_FORMAT: SettingName = SettingName {
-    key: "codec.input_format",
-    env: "EVENTPIPE_INPUT_FORMAT",
-    flag: "--input-format",
-};
-const OUTPUT_FORMAT: SettingName = SettingName {
-    key: "codec.output_format",
-    env: "EVENTPIPE_OUTPUT_FORMAT",
-    flag: "--output-format",
-};
-const TOPIC_FORMAT: SettingName = SettingName {
-    key: "codec.topics",
-    env: "EVENTPIPE_TOPIC_FORMATS",
-    flag: "--topic-format",
-};
-const POSTGRES: SettingName = SettingName {
-    key: "postgres.url",
-    env: "POSTGRES_CONNECTION_STRING",
-    flag: "--postgres-url",
-};
-const LOG_FORMAT: SettingName = SettingName {
-    key: "telemetry.log_format",
-    env: "EVENTPIPE_LOG_FORMAT",
-    flag: "--log-format",
-};
-const METRICS_ADDRESS: SettingName = SettingName {
-    key: "telemetry.metrics_address",
-    env: "EVENTPIPE_METRICS_ADDRESS",
-    flag: "--metrics-address",
-};
-const STORAGE_TYPE: SettingName = SettingName {
-    key: "aggregate.storage_type",
-    env: "STORAGE_TYPE",
-    flag: "--storage-type",
-};
-const AGGREGATION_INTERVAL: SettingName = SettingName {
-    key: "aggregate.interval_secs",
-    env: "AGGREGATION_INTERVAL",
-    flag: "--aggregation-interval",
-};
+const BOOTSTRAP: Setting<String> = Setting::new(
+    "kafka.bootstrap_servers",
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "--bootstrap-servers",
+)
+.default(DEFAULT_BOOTSTRAP_SERVERS)
+.check(host_ports);
+const CONNECT_TIMEOUT: Setting<u64> = Setting::new(
+    "kafka.connect_timeout_secs",
+    "EVENTPIPE_CONNECT_TIMEOUT_SECS",
+    "--connect-timeout-secs",
+)
+.default(15)
+.at_least(1);
+const KAFKA_PROPERTY: SettingName = SettingName::new(
+    "kafka.properties",
+    "EVENTPIPE_KAFKA_<PROPERTY>",
+    "-X/--kafka-property",
+);
+const ELASTICSEARCH: Setting<String> = Setting::new(
+    "elasticsearch.url",
+    "ELASTICSEARCH_URL",
+    "--elasticsearch-url",
+)
+.default(DEFAULT_ELASTICSEARCH_URL);
+const SCHEMA_REGISTRY: Setting<String> = Setting::new(
+    "schema_registry.url",
+    "SCHEMA_REGISTRY_URL",
+    "--schema-registry-url",
+)
+.default(DEFAULT_SCHEMA_REGISTRY_URL);
+const POSTGRES: Setting<String> = Setting::new(
+    "postgres.url",
+    "POSTGRES_CONNECTION_STRING",
+    "--postgres-url",
+)
+.default(DEFAULT_POSTGRES_URL);
+const INPUT_FORMAT: Setting<String> = Setting::new(
+    "codec.input_format",
+    "EVENTPIPE_INPUT_FORMAT",
+    "--input-format",
+)
+.default("json");
+const OUTPUT_FORMAT: Setting<String> = Setting::new(
+    "codec.output_format",
+    "EVENTPIPE_OUTPUT_FORMAT",
+    "--output-format",
+)
+.default("json");
+const TOPIC_FORMAT: SettingName =
+    SettingName::new("codec.topics", "EVENTPIPE_TOPIC_FORMATS", "--topic-format");
+const AUTO_REGISTER: Setting<bool> = Setting::new(
+    "codec.auto_register",
+    "EVENTPIPE_SCHEMA_AUTO_REGISTER",
+    "--schema-auto-register",
+)
+.default(false);
+const LOG_FORMAT: Setting<String> = Setting::new(
+    "telemetry.log_format",
+    "EVENTPIPE_LOG_FORMAT",
+    "--log-format",
+)
+.default("text");
+/// Without a value in any layer: `RUST_LOG`, else `info`.
+const LOG_LEVEL: Setting<String> =
+    Setting::new("telemetry.log_level", "EVENTPIPE_LOG", "--log-level");
+const METRICS_ADDRESS: Setting<String> = Setting::new(
+    "telemetry.metrics_address",
+    "EVENTPIPE_METRICS_ADDRESS",
+    "--metrics-address",
+)
+.default(DEFAULT_METRICS_ADDRESS);
 
 /// Global flags; each falls back to its environment variable (clap's `env`), then to the file.
 #[derive(Debug, Default, Clone, Args)]
@@ -144,11 +122,13 @@ pub struct SettingsArgs {
     /// How long to wait for Kafka before giving up with an error.
     #[arg(long, global = true, env = "EVENTPIPE_CONNECT_TIMEOUT_SECS")]
     pub connect_timeout_secs: Option<u64>,
-    #[arg(long, global = true, env = "ELASTICSEARCH_URL")]
+    /// Elasticsearch URL (also a flag of the commands that use it).
+    #[arg(long, env = "ELASTICSEARCH_URL")]
     pub elasticsearch_url: Option<String>,
     #[arg(long, global = true, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
-    #[arg(long, global = true, env = "POSTGRES_CONNECTION_STRING")]
+    /// PostgreSQL URL (also a flag of the commands that use it).
+    #[arg(long, env = "POSTGRES_CONNECTION_STRING")]
     pub postgres_url: Option<String>,
     /// Format of the topics a stage reads: json or avro (Confluent framing, schema registry).
     #[arg(long, global = true, env = "EVENTPIPE_INPUT_FORMAT")]
@@ -175,21 +155,64 @@ pub struct SettingsArgs {
     /// Log filter in RUST_LOG syntax, e.g. `info,eventpipe=debug`.
     #[arg(long, global = true, env = "EVENTPIPE_LOG")]
     pub log_level: Option<String>,
-    /// Address of the /metrics, /health and /ready endpoint.
-    #[arg(long, global = true, env = "EVENTPIPE_METRICS_ADDRESS")]
+    /// Address of the /metrics, /health and /ready endpoint (also a flag of the stages).
+    #[arg(long, env = "EVENTPIPE_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
-    /// Aggregate sink: kafka or postgres.
-    #[arg(long, global = true, env = "STORAGE_TYPE")]
-    pub storage_type: Option<String>,
-    /// Topic the aggregator writes to when the sink is kafka.
-    #[arg(long, global = true, env = "KAFKA_TOPIC")]
-    pub kafka_topic: Option<String>,
-    /// Aggregation window in seconds.
-    #[arg(long, global = true, env = "AGGREGATION_INTERVAL")]
-    pub aggregation_interval: Option<String>,
 }
 
-/// The config file's shape; unknown keys are errors so typos do not pass silently.
+// Global settings only some commands use: their flags are flattened into those commands alone,
+// so only their `--help` offers them. Before the command (and as environment variables) they
+// are `SettingsArgs`'s, as they always were; given after it, they win.
+
+/// `--elasticsearch-url` of the commands that talk to Elasticsearch.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ElasticsearchArgs {
+    /// Elasticsearch URL [env: ELASTICSEARCH_URL] (default: the local stack's).
+    #[arg(long, value_name = "URL")]
+    pub elasticsearch_url: Option<String>,
+}
+
+/// `--postgres-url` of the commands that talk to PostgreSQL.
+#[derive(Debug, Default, Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL URL [env: POSTGRES_CONNECTION_STRING] (default: the local stack's).
+    #[arg(long, value_name = "URL")]
+    pub postgres_url: Option<String>,
+}
+
+/// `--metrics-address` of the long-running stages.
+#[derive(Debug, Default, Clone, Args)]
+pub struct MetricsArgs {
+    /// Address of the /metrics, /health and /ready endpoint [env: EVENTPIPE_METRICS_ADDRESS]
+    /// (default: 127.0.0.1:9464).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_address: Option<String>,
+}
+
+impl SettingsArgs {
+    /// These settings with a command's own flags for them (given after the command) on top.
+    pub fn with_command_flags(
+        &self,
+        elasticsearch: Option<&ElasticsearchArgs>,
+        postgres: Option<&PostgresArgs>,
+        metrics: Option<&MetricsArgs>,
+    ) -> SettingsArgs {
+        let after = |flag: Option<&Option<String>>, before: &Option<String>| {
+            layer(flag.unwrap_or(&None), before)
+        };
+        SettingsArgs {
+            elasticsearch_url: after(
+                elasticsearch.map(|a| &a.elasticsearch_url),
+                &self.elasticsearch_url,
+            ),
+            postgres_url: after(postgres.map(|a| &a.postgres_url), &self.postgres_url),
+            metrics_address: after(metrics.map(|a| &a.metrics_address), &self.metrics_address),
+            ..self.clone()
+        }
+    }
+}
+
+/// The config file's global tables; unknown keys are errors so typos do not pass silently.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileSettings {
@@ -199,24 +222,14 @@ pub struct FileSettings {
     pub postgres: FileUrl,
     pub codec: FileCodec,
     pub telemetry: FileTelemetry,
-    pub aggregate: FileAggregate,
-    pub dispatch: FileDispatch,
-    pub log: crate::log::FileLog,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileDispatch {
-    pub input_topics: Option<Vec<String>>,
-    pub input_pattern: Option<String>,
-    pub group_id: Option<String>,
-    pub routes_file: Option<PathBuf>,
-    pub service: Option<String>,
-    pub dead_letter_suffix: Option<String>,
-    pub max_envelope_bytes: Option<usize>,
-    pub drain_timeout_secs: Option<u64>,
-    pub exactly_once: Option<bool>,
-    pub transactional_id: Option<String>,
+    // The stages' tables: named so that any other table is an error, read by each stage with
+    // its own type (`ConfigFile::table`).
+    #[serde(rename = "dispatch")]
+    _dispatch: IgnoredAny,
+    #[serde(rename = "log")]
+    _log: IgnoredAny,
+    #[serde(rename = "aggregate")]
+    _aggregate: IgnoredAny,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,24 +264,80 @@ pub struct FileTelemetry {
     pub metrics_address: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FileAggregate {
-    pub storage_type: Option<String>,
-    pub output_topic: Option<String>,
-    pub interval_secs: Option<u64>,
-    pub input_topic: Option<String>,
-    pub group_id: Option<String>,
-    pub advance_ms: Option<u64>,
-    pub allowed_lateness_ms: Option<u64>,
-    pub grace_ms: Option<u64>,
-    pub idle_timeout_ms: Option<u64>,
-    pub max_open_windows: Option<usize>,
-    pub metrics_topic: Option<String>,
-    pub metrics_interval_secs: Option<u64>,
+/// The config file as read (empty without one): the global tables are parsed at load, each
+/// stage's table by the stage, all with the line of a mistake in the error.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    path: PathBuf,
+    text: String,
 }
 
-/// Resolved, validated settings.
+impl ConfigFile {
+    /// Reads the TOML config file; its tables are parsed on use.
+    pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(ConfigFile::new(path, text))
+    }
+
+    pub fn new(path: impl Into<PathBuf>, text: impl Into<String>) -> ConfigFile {
+        ConfigFile {
+            path: path.into(),
+            text: text.into(),
+        }
+    }
+
+    /// The global tables.
+    pub fn global(&self) -> Result<FileSettings, ConfigError> {
+        self.error_in_file(parse_file(&self.text))
+    }
+
+    /// A stage's table (its defaults if the file has none), checked by the stage's own type.
+    pub fn table<T: FileTable>(&self) -> Result<T, ConfigError> {
+        let seed = TableSeed::<T>(PhantomData);
+        let parsed = seed.deserialize(toml::Deserializer::new(&self.text));
+        self.error_in_file(parsed.map_err(|e| one_line(&self.text, &e)))
+    }
+
+    fn error_in_file<T>(&self, parsed: Result<T, String>) -> Result<T, ConfigError> {
+        parsed.map_err(|reason| ConfigError::File {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+}
+
+/// Deserializes the document's `T::NAME` table with `T`, skipping the others.
+struct TableSeed<T>(PhantomData<T>);
+
+impl<'de, T: FileTable> DeserializeSeed<'de> for TableSeed<T> {
+    type Value = T;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, T: FileTable> Visitor<'de> for TableSeed<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a config file with an optional [{}] table", T::NAME)
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<T, M::Error> {
+        let mut table = T::default();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == T::NAME {
+                table = map.next_value()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// Resolved, validated global settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kafka: KafkaSettings,
@@ -278,170 +347,64 @@ pub struct Settings {
     /// Which topics are JSON and which Avro.
     pub codec: CodecSettings,
     pub telemetry: TelemetrySettings,
-    pub aggregate: AggregateSettings,
-    /// Dispatch settings from the file and defaults; `eventpipe dispatch` merges its flags over
-    /// `file_dispatch` with `DispatchSettings::resolve`.
-    pub dispatch: DispatchSettings,
-    pub file_dispatch: FileDispatch,
-    /// The file's `[log]` table; `eventpipe log` merges its flags over it.
-    pub file_log: crate::log::FileLog,
+    /// The config file, for the stages' tables.
+    pub file: ConfigFile,
 }
 
-/// Where the dispatcher reads, how it names itself, and its delivery mode.
-#[derive(Debug, Clone)]
-pub struct DispatchSettings {
-    pub input: InputTopics,
-    pub group_id: String,
-    pub routes_file: PathBuf,
-    /// The `service` of every envelope the dispatcher emits.
-    pub service: String,
-    pub dead_letter_suffix: String,
-    pub max_envelope_bytes: usize,
-    /// How long shutdown and revocation wait for in-flight outputs before giving up on them.
-    pub drain_timeout: Duration,
-    /// Kafka transactions: consume-transform-produce with offsets in the transaction.
-    pub exactly_once: bool,
-    /// Stable per instance, so a restarted instance fences its predecessor's open transaction.
-    pub transactional_id: String,
+/// A topic's record format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Json,
+    Avro,
 }
 
-pub use crate::stage::InputTopics;
-
-/// Flags of `eventpipe dispatch`; each falls back to its environment variable, then the file.
-#[derive(Debug, Default, Clone, Args)]
-pub struct DispatchArgs {
-    /// Input topics, comma-separated (default: create_user_in,update_user_in,task_in).
-    #[arg(long, env = "EVENTPIPE_DISPATCH_INPUT_TOPICS", value_delimiter = ',')]
-    pub input_topics: Option<Vec<String>>,
-    /// Regular expression of input topics instead of a list, e.g. `.*_in`.
-    #[arg(long, env = "EVENTPIPE_DISPATCH_INPUT_PATTERN")]
-    pub input_pattern: Option<String>,
-    #[arg(long, env = "EVENTPIPE_DISPATCH_GROUP_ID")]
-    pub group_id: Option<String>,
-    #[arg(long, env = "EVENTPIPE_DISPATCH_ROUTES_FILE")]
-    pub routes_file: Option<PathBuf>,
-    /// Service name written into every output envelope.
-    #[arg(long, env = "EVENTPIPE_DISPATCH_SERVICE")]
-    pub service: Option<String>,
-    #[arg(long, env = "EVENTPIPE_DISPATCH_DEAD_LETTER_SUFFIX")]
-    pub dead_letter_suffix: Option<String>,
-    #[arg(long, env = "EVENTPIPE_DISPATCH_MAX_ENVELOPE_BYTES")]
-    pub max_envelope_bytes: Option<usize>,
-    #[arg(long, env = "EVENTPIPE_DISPATCH_DRAIN_TIMEOUT_SECS")]
-    pub drain_timeout_secs: Option<u64>,
-    /// Use Kafka transactions (exactly-once) instead of at-least-once.
-    #[arg(long, env = "EVENTPIPE_DISPATCH_EXACTLY_ONCE")]
-    pub exactly_once: Option<bool>,
-    /// Transactional id of this instance (default: `<group id>-<hostname>`); one per instance.
-    #[arg(long, env = "EVENTPIPE_DISPATCH_TRANSACTIONAL_ID")]
-    pub transactional_id: Option<String>,
-}
-
-const DISPATCH_INPUT: SettingName = SettingName {
-    key: "dispatch.input_topics / dispatch.input_pattern",
-    env: "EVENTPIPE_DISPATCH_INPUT_TOPICS / EVENTPIPE_DISPATCH_INPUT_PATTERN",
-    flag: "--input-topics / --input-pattern",
-};
-const DISPATCH_MAX_BYTES: SettingName = SettingName {
-    key: "dispatch.max_envelope_bytes",
-    env: "EVENTPIPE_DISPATCH_MAX_ENVELOPE_BYTES",
-    flag: "--max-envelope-bytes",
-};
-
-impl DispatchSettings {
-    /// Merges `eventpipe dispatch` flags (and their environment variables) over the file.
-    pub fn resolve(args: &DispatchArgs, file: &FileDispatch) -> Result<Self, ConfigError> {
-        let pattern = args.input_pattern.clone().or(file.input_pattern.clone());
-        let topics = args.input_topics.clone().or(file.input_topics.clone());
-        let input = match (pattern, topics) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    &DISPATCH_INPUT,
-                    "both",
-                    "set a topic list or a pattern, not both",
-                ))
-            }
-            (Some(pattern), None) => {
-                // librdkafka treats a subscription starting with ^ as a regular expression.
-                let pattern = if pattern.starts_with('^') {
-                    pattern
-                } else {
-                    format!("^{pattern}")
-                };
-                InputTopics::Pattern(pattern)
-            }
-            (None, topics) => {
-                let topics: Vec<String> = topics
-                    .unwrap_or_else(|| {
-                        ["create_user_in", "update_user_in", "task_in"]
-                            .map(String::from)
-                            .to_vec()
-                    })
-                    .into_iter()
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-                    .collect();
-                if let Some(bad) = topics.iter().find(|t| !crate::topics::valid_topic_name(t)) {
-                    return Err(ConfigError::invalid(
-                        &DISPATCH_INPUT,
-                        bad.as_str(),
-                        "not a valid topic name",
-                    ));
-                }
-                if topics.is_empty() {
-                    return Err(ConfigError::invalid(&DISPATCH_INPUT, "", "no input topics"));
-                }
-                InputTopics::Names(topics)
-            }
-        };
-        let max_envelope_bytes = args
-            .max_envelope_bytes
-            .or(file.max_envelope_bytes)
-            .unwrap_or(crate::envelope::DEFAULT_MAX_ENVELOPE_BYTES);
-        if max_envelope_bytes < 64 {
-            return Err(ConfigError::invalid(
-                &DISPATCH_MAX_BYTES,
-                max_envelope_bytes.to_string(),
-                "must be at least 64",
-            ));
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Format, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(Format::Json),
+            "avro" => Ok(Format::Avro),
+            other => Err(format!("unknown format {other:?} (expected json or avro)")),
         }
-        let group_id = args
-            .group_id
-            .clone()
-            .or(file.group_id.clone())
-            .unwrap_or_else(|| "eventpipe-dispatch".into());
-        let transactional_id = args
-            .transactional_id
-            .clone()
-            .or(file.transactional_id.clone())
-            .unwrap_or_else(|| format!("{group_id}-{}", hostname()));
-        Ok(DispatchSettings {
-            input,
-            group_id,
-            transactional_id,
-            routes_file: args
-                .routes_file
-                .clone()
-                .or(file.routes_file.clone())
-                .unwrap_or_else(|| PathBuf::from("topics/routes.toml")),
-            service: args
-                .service
-                .clone()
-                .or(file.service.clone())
-                .unwrap_or_else(|| "eventpipe-dispatch".into()),
-            dead_letter_suffix: args
-                .dead_letter_suffix
-                .clone()
-                .or(file.dead_letter_suffix.clone())
-                .unwrap_or_else(|| crate::topics::DEAD_LETTER_SUFFIX.into()),
-            max_envelope_bytes,
-            drain_timeout: Duration::from_secs(
-                args.drain_timeout_secs
-                    .or(file.drain_timeout_secs)
-                    .unwrap_or(30),
-            ),
-            exactly_once: args.exactly_once.or(file.exactly_once).unwrap_or(false),
-        })
+    }
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+        }
+    }
+}
+
+/// Which format each topic uses: a default for the topics a stage reads, one for the topics it
+/// writes, and per-topic overrides (a topic has one format, whoever reads or writes it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CodecSettings {
+    pub input: Format,
+    pub output: Format,
+    pub topics: BTreeMap<String, Format>,
+    /// Register the stage's writer schema when its subject lacks it (off: `schemas register`
+    /// is the deliberate, compatibility-checked step; a stage should not evolve a contract).
+    pub auto_register: bool,
+}
+
+impl CodecSettings {
+    pub fn input_format(&self, topic: &str) -> Format {
+        self.topics.get(topic).copied().unwrap_or(self.input)
+    }
+
+    pub fn output_format(&self, topic: &str) -> Format {
+        self.topics.get(topic).copied().unwrap_or(self.output)
+    }
+
+    /// Whether any topic may be Avro, i.e. whether a registry client is needed at all.
+    pub fn uses_avro(&self) -> bool {
+        self.input == Format::Avro
+            || self.output == Format::Avro
+            || self.topics.values().any(|f| *f == Format::Avro)
     }
 }
 
@@ -495,27 +458,23 @@ pub struct TelemetrySettings {
     pub metrics_address: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StorageType {
-    Kafka,
-    Postgres,
-}
-
-#[derive(Debug, Clone)]
-pub struct AggregateSettings {
-    pub storage_type: StorageType,
-    pub output_topic: String,
-    pub interval: Duration,
-    /// The file's other `[aggregate]` keys; `eventpipe aggregate` merges its flags over them.
-    pub file: FileAggregate,
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(text: &str) -> Result<LogFormat, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected text or json".into()),
+        }
+    }
 }
 
 impl Settings {
     /// Reads the config file (if any) and the process environment, then merges with `args`.
     pub fn load(args: &SettingsArgs) -> Result<Settings, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileSettings::default(),
+            Some(path) => ConfigFile::read(path)?,
+            None => ConfigFile::default(),
         };
         let env_properties = kafka_properties_from_env(std::env::vars());
         Settings::resolve(args, file, env_properties)
@@ -524,249 +483,135 @@ impl Settings {
     /// Pure merge of the layers; `env_properties` are the `EVENTPIPE_KAFKA_*` variables.
     pub fn resolve(
         args: &SettingsArgs,
-        file: FileSettings,
+        file: ConfigFile,
         env_properties: BTreeMap<String, String>,
     ) -> Result<Settings, ConfigError> {
-        let bootstrap_servers = args
-            .bootstrap_servers
-            .clone()
-            .or(file.kafka.bootstrap_servers)
-            .unwrap_or_else(|| DEFAULT_BOOTSTRAP_SERVERS.into());
-        validate_bootstrap(&bootstrap_servers)?;
-
-        let mut properties = file.kafka.properties;
-        properties.extend(env_properties);
-        for pair in &args.kafka_properties {
-            let (key, value) = pair.split_once('=').ok_or_else(|| {
-                ConfigError::invalid(&KAFKA_PROPERTY, pair.as_str(), "expected KEY=VALUE")
-            })?;
-            properties.insert(key.trim().to_string(), value.trim().to_string());
-        }
-        if properties.contains_key("bootstrap.servers") {
-            return Err(ConfigError::invalid(
-                &KAFKA_PROPERTY,
-                "bootstrap.servers",
-                format!("set {BOOTSTRAP} instead"),
-            ));
-        }
-
-        let connect_timeout_secs = args
-            .connect_timeout_secs
-            .or(file.kafka.connect_timeout_secs)
-            .unwrap_or(15);
-        if connect_timeout_secs == 0 {
-            return Err(ConfigError::invalid(
-                &CONNECT_TIMEOUT,
-                "0",
-                "must be at least 1",
-            ));
-        }
-
-        let elasticsearch_url = parse_http_url(
-            &ELASTICSEARCH,
-            args.elasticsearch_url.clone().or(file.elasticsearch.url),
-            DEFAULT_ELASTICSEARCH_URL,
+        let global = file.global()?;
+        let bootstrap_servers =
+            BOOTSTRAP.resolve(&args.bootstrap_servers, &global.kafka.bootstrap_servers)?;
+        let properties = kafka_properties(
+            global.kafka.properties,
+            env_properties,
+            &args.kafka_properties,
         )?;
-        let schema_registry_url = parse_http_url(
-            &SCHEMA_REGISTRY,
-            args.schema_registry_url
-                .clone()
-                .or(file.schema_registry.url),
-            DEFAULT_SCHEMA_REGISTRY_URL,
+        let connect_timeout = Duration::from_secs(CONNECT_TIMEOUT.resolve(
+            &args.connect_timeout_secs,
+            &global.kafka.connect_timeout_secs,
+        )?);
+        let elasticsearch_url = ELASTICSEARCH.resolve_with(
+            &args.elasticsearch_url,
+            &global.elasticsearch.url,
+            |raw| http_url(raw),
         )?;
-        let postgres_url = parse_postgres_url(
-            args.postgres_url
-                .clone()
-                .or(file.postgres.url)
-                .unwrap_or_else(|| DEFAULT_POSTGRES_URL.into()),
+        let schema_registry_url = SCHEMA_REGISTRY.resolve_with(
+            &args.schema_registry_url,
+            &global.schema_registry.url,
+            |raw| http_url(raw),
         )?;
-
-        let codec = resolve_codec(args, file.codec)?;
-
-        let log_format = match args
-            .log_format
-            .clone()
-            .or(file.telemetry.log_format)
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &LOG_FORMAT,
-                    other,
-                    "expected text or json",
-                ))
-            }
+        // Resolved by hand: the error shows the URL without its password.
+        let postgres_raw = POSTGRES.resolve(&args.postgres_url, &global.postgres.url)?;
+        let postgres_url = postgres_url(&postgres_raw)
+            .map_err(|reason| POSTGRES.invalid(redact_url(&postgres_raw), reason))?;
+        let codec = resolve_codec(args, global.codec)?;
+        let telemetry = TelemetrySettings {
+            log_format: LOG_FORMAT.resolve_with(
+                &args.log_format,
+                &global.telemetry.log_format,
+                |raw| raw.parse(),
+            )?,
+            log_filter: LOG_LEVEL.resolve_or(
+                &args.log_level,
+                &global.telemetry.log_level,
+                || std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )?,
+            metrics_address: METRICS_ADDRESS.resolve_with(
+                &args.metrics_address,
+                &global.telemetry.metrics_address,
+                |raw| {
+                    raw.parse::<SocketAddr>()
+                        .map_err(|e| format!("{e} (expected IP:PORT)"))
+                },
+            )?,
         };
-        let log_filter = args
-            .log_level
-            .clone()
-            .or(file.telemetry.log_level)
-            .or_else(|| std::env::var("RUST_LOG").ok())
-            .unwrap_or_else(|| "info".into());
-        let metrics_raw = args
-            .metrics_address
-            .clone()
-            .or(file.telemetry.metrics_address)
-            .unwrap_or_else(|| DEFAULT_METRICS_ADDRESS.into());
-        let metrics_address = metrics_raw.parse::<SocketAddr>().map_err(|e| {
-            ConfigError::invalid(
-                &METRICS_ADDRESS,
-                metrics_raw.as_str(),
-                format!("{e} (expected IP:PORT)"),
-            )
-        })?;
-
-        let storage_type = match args
-            .storage_type
-            .clone()
-            .or(file.aggregate.storage_type.clone())
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("kafka") => StorageType::Kafka,
-            Some("postgres") | Some("postgresql") => StorageType::Postgres,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &STORAGE_TYPE,
-                    other,
-                    "expected kafka or postgres",
-                ))
-            }
-        };
-        let output_topic = args
-            .kafka_topic
-            .clone()
-            .or(file.aggregate.output_topic.clone())
-            .unwrap_or_else(|| "events_aggregated".into());
-        let interval_secs = match &args.aggregation_interval {
-            Some(raw) => raw.trim().parse::<u64>().map_err(|_| {
-                ConfigError::invalid(
-                    &AGGREGATION_INTERVAL,
-                    raw.as_str(),
-                    "expected whole seconds",
-                )
-            })?,
-            None => file.aggregate.interval_secs.unwrap_or(60),
-        };
-        if interval_secs == 0 {
-            return Err(ConfigError::invalid(
-                &AGGREGATION_INTERVAL,
-                "0",
-                "must be at least 1 second",
-            ));
-        }
-
-        let dispatch = DispatchSettings::resolve(&DispatchArgs::default(), &file.dispatch)?;
         Ok(Settings {
-            dispatch,
-            file_dispatch: file.dispatch,
-            file_log: file.log,
             kafka: KafkaSettings {
                 bootstrap_servers,
                 properties,
-                connect_timeout: Duration::from_secs(connect_timeout_secs),
+                connect_timeout,
             },
             elasticsearch_url,
             schema_registry_url,
             postgres_url,
             codec,
-            telemetry: TelemetrySettings {
-                log_format,
-                log_filter,
-                metrics_address,
-            },
-            aggregate: AggregateSettings {
-                storage_type,
-                output_topic,
-                interval: Duration::from_secs(interval_secs),
-                file: file.aggregate,
-            },
+            telemetry,
+            file,
         })
     }
 }
 
-fn parse_format(name: &SettingName, raw: &str) -> Result<Format, ConfigError> {
-    raw.parse::<Format>()
-        .map_err(|reason| ConfigError::invalid(name, raw, reason))
+/// The file's properties, then the environment's, then the flags'.
+fn kafka_properties(
+    mut properties: BTreeMap<String, String>,
+    env_properties: BTreeMap<String, String>,
+    flags: &[String],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    properties.extend(env_properties);
+    for pair in flags {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| KAFKA_PROPERTY.invalid(pair.as_str(), "expected KEY=VALUE"))?;
+        properties.insert(key.trim().to_string(), value.trim().to_string());
+    }
+    if properties.contains_key("bootstrap.servers") {
+        return Err(KAFKA_PROPERTY.invalid(
+            "bootstrap.servers",
+            format!("set {} instead", BOOTSTRAP.name),
+        ));
+    }
+    Ok(properties)
 }
 
 /// Formats: flags (and their variables) over the file's `[codec]` table, json by default.
 fn resolve_codec(args: &SettingsArgs, file: FileCodec) -> Result<CodecSettings, ConfigError> {
-    let input = args.input_format.clone().or(file.input_format);
-    let output = args.output_format.clone().or(file.output_format);
+    let format = |raw: &String| raw.parse::<Format>();
+    let topic_format = |raw: &str| {
+        raw.parse::<Format>()
+            .map_err(|reason| TOPIC_FORMAT.invalid(raw, reason))
+    };
     let mut topics = BTreeMap::new();
     for (topic, raw) in file.topics {
-        topics.insert(topic, parse_format(&TOPIC_FORMAT, &raw)?);
+        topics.insert(topic, topic_format(&raw)?);
     }
     for pair in args.topic_formats.iter().filter(|p| !p.trim().is_empty()) {
-        let (topic, raw) = pair.split_once('=').ok_or_else(|| {
-            ConfigError::invalid(&TOPIC_FORMAT, pair.as_str(), "expected TOPIC=json|avro")
-        })?;
-        if !crate::topics::valid_topic_name(topic.trim()) {
-            return Err(ConfigError::invalid(
-                &TOPIC_FORMAT,
-                pair.as_str(),
-                "not a valid topic name",
-            ));
-        }
-        topics.insert(topic.trim().to_string(), parse_format(&TOPIC_FORMAT, raw)?);
+        let (topic, raw) = pair
+            .split_once('=')
+            .ok_or_else(|| TOPIC_FORMAT.invalid(pair.as_str(), "expected TOPIC=json|avro"))?;
+        topic_name(topic.trim()).map_err(|reason| TOPIC_FORMAT.invalid(pair.as_str(), reason))?;
+        topics.insert(topic.trim().to_string(), topic_format(raw)?);
     }
     Ok(CodecSettings {
-        input: input
-            .map(|raw| parse_format(&INPUT_FORMAT, &raw))
-            .transpose()?
-            .unwrap_or_default(),
-        output: output
-            .map(|raw| parse_format(&OUTPUT_FORMAT, &raw))
-            .transpose()?
-            .unwrap_or_default(),
+        input: INPUT_FORMAT.resolve_with(&args.input_format, &file.input_format, format)?,
+        output: OUTPUT_FORMAT.resolve_with(&args.output_format, &file.output_format, format)?,
         topics,
-        auto_register: args
-            .schema_auto_register
-            .or(file.auto_register)
-            .unwrap_or(false),
+        auto_register: AUTO_REGISTER.resolve(&args.schema_auto_register, &file.auto_register)?,
     })
 }
 
-/// This machine's name, for default instance ids.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// Parses the TOML config file into its typed shape; errors become one line with the line number.
-pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    parse_file(&text).map_err(|reason| ConfigError::File {
-        path: path.to_path_buf(),
-        reason,
-    })
-}
-
-/// Parses config text; the error is a single line (`line N: message`).
+/// Parses config text's global tables; the error is a single line (`line N: message`).
 pub fn parse_file(text: &str) -> Result<FileSettings, String> {
-    toml::from_str::<FileSettings>(text).map_err(|e| {
-        let message = e.message().replace('\n', " ");
-        match e.span() {
-            Some(span) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!("line {line}: {message}")
-            }
-            None => message,
+    toml::from_str::<FileSettings>(text).map_err(|e| one_line(text, &e))
+}
+
+/// A TOML error as one line, with the line number of the mistake.
+fn one_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
         }
-    })
+        None => message,
+    }
 }
 
 /// Collects `EVENTPIPE_KAFKA_SOME_NAME=value` into `some.name=value`.
@@ -783,13 +628,10 @@ pub fn kafka_properties_from_env(
     .collect()
 }
 
-fn validate_bootstrap(servers: &str) -> Result<(), ConfigError> {
+/// The check of `kafka.bootstrap_servers`: a comma-separated list of host:port.
+fn host_ports(servers: &str) -> Result<(), String> {
     if servers.trim().is_empty() {
-        return Err(ConfigError::invalid(
-            &BOOTSTRAP,
-            servers,
-            "must not be empty",
-        ));
+        return Err("must not be empty".into());
     }
     for server in servers.split(',') {
         let server = server.trim();
@@ -800,48 +642,29 @@ fn validate_bootstrap(servers: &str) -> Result<(), ConfigError> {
             .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
             .unwrap_or(false);
         if !valid {
-            return Err(ConfigError::invalid(
-                &BOOTSTRAP,
-                servers,
-                format!("{server:?} is not host:port"),
-            ));
+            return Err(format!("{server:?} is not host:port"));
         }
     }
     Ok(())
 }
 
-fn parse_http_url(
-    name: &SettingName,
-    raw: Option<String>,
-    default: &str,
-) -> Result<Url, ConfigError> {
-    let raw = raw.unwrap_or_else(|| default.into());
-    let mut url =
-        Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(name, raw.as_str(), e))?;
+fn http_url(raw: &str) -> Result<Url, String> {
+    let mut url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
     // A trailing slash makes `join("subjects")` append instead of replacing the last segment.
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());
         url.set_path(&path);
     }
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ConfigError::invalid(
-            name,
-            raw.as_str(),
-            "expected an http:// or https:// URL with a host",
-        ));
+        return Err("expected an http:// or https:// URL with a host".into());
     }
     Ok(url)
 }
 
-fn parse_postgres_url(raw: String) -> Result<Url, ConfigError> {
-    let url =
-        Url::parse(raw.trim()).map_err(|e| ConfigError::invalid(&POSTGRES, redact_url(&raw), e))?;
+fn postgres_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(ConfigError::invalid(
-            &POSTGRES,
-            redact_url(&raw),
-            "expected postgres://user:password@host:port/database",
-        ));
+        return Err("expected postgres://user:password@host:port/database".into());
     }
     Ok(url)
 }
@@ -863,47 +686,69 @@ mod tests {
     use super::*;
 
     fn resolve(args: SettingsArgs, file: &str) -> Result<Settings, ConfigError> {
-        Settings::resolve(&args, parse_file(file).unwrap(), BTreeMap::new())
+        Settings::resolve(&args, ConfigFile::new("test.toml", file), BTreeMap::new())
     }
 
     #[test]
     fn defaults_point_at_the_local_stack() {
         let s = resolve(SettingsArgs::default(), "").unwrap();
         assert_eq!(s.kafka.bootstrap_servers, DEFAULT_BOOTSTRAP_SERVERS);
+        assert_eq!(s.kafka.connect_timeout, Duration::from_secs(15));
         assert_eq!(s.elasticsearch_url.as_str(), "http://127.0.0.1:19200/");
         assert_eq!(
             s.schema_registry_url.join("subjects").unwrap().as_str(),
             "http://127.0.0.1:18081/apis/ccompat/v7/subjects"
         );
-        assert_eq!(s.aggregate.storage_type, StorageType::Kafka);
-        assert_eq!(s.aggregate.interval, Duration::from_secs(60));
-        assert_eq!(s.aggregate.output_topic, "events_aggregated");
+        assert_eq!(s.postgres_url.as_str(), DEFAULT_POSTGRES_URL);
+        assert_eq!(s.codec, CodecSettings::default());
+        assert_eq!(s.telemetry.log_format, LogFormat::Text);
+        assert_eq!(
+            s.telemetry.metrics_address.to_string(),
+            DEFAULT_METRICS_ADDRESS
+        );
     }
 
     #[test]
     fn flags_beat_file_and_file_beats_defaults() {
-        let file = "[kafka]\nbootstrap_servers = \"file:1\"\n[aggregate]\nstorage_type = \"postgres\"\ninterval_secs = 5\n";
+        let file = "[kafka]\nbootstrap_servers = \"file:1\"\nconnect_timeout_secs = 5\n[codec]\ninput_format = \"avro\"\n";
         let s = resolve(SettingsArgs::default(), file).unwrap();
         assert_eq!(s.kafka.bootstrap_servers, "file:1");
-        assert_eq!(s.aggregate.storage_type, StorageType::Postgres);
-        assert_eq!(s.aggregate.interval, Duration::from_secs(5));
+        assert_eq!(s.kafka.connect_timeout, Duration::from_secs(5));
+        assert_eq!(s.codec.input, Format::Avro);
 
         let args = SettingsArgs {
             bootstrap_servers: Some("flag:2".into()),
-            aggregation_interval: Some("7".into()),
+            input_format: Some("json".into()),
             ..Default::default()
         };
         let s = resolve(args, file).unwrap();
         assert_eq!(s.kafka.bootstrap_servers, "flag:2");
-        assert_eq!(s.aggregate.interval, Duration::from_secs(7));
+        assert_eq!(s.kafka.connect_timeout, Duration::from_secs(5));
+        assert_eq!(s.codec.input, Format::Json);
+    }
+
+    #[test]
+    fn a_commands_own_flags_beat_those_before_it() {
+        let before = SettingsArgs {
+            elasticsearch_url: Some("http://before:1".into()),
+            postgres_url: Some("postgres://before/db".into()),
+            ..Default::default()
+        };
+        let after = ElasticsearchArgs {
+            elasticsearch_url: Some("http://after:2".into()),
+        };
+        let args = before.with_command_flags(Some(&after), Some(&PostgresArgs::default()), None);
+        assert_eq!(args.elasticsearch_url.as_deref(), Some("http://after:2"));
+        assert_eq!(args.postgres_url.as_deref(), Some("postgres://before/db"));
+        assert_eq!(args.metrics_address, None);
     }
 
     #[test]
     fn kafka_properties_merge_file_env_then_flags() {
-        let file = parse_file(
+        let file = ConfigFile::new(
+            "test.toml",
             "[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\"linger.ms\" = \"1\"\n",
-        )
-        .unwrap();
+        );
         let env = kafka_properties_from_env(
             [
                 ("EVENTPIPE_KAFKA_LINGER_MS".to_string(), "2".to_string()),
@@ -932,6 +777,35 @@ mod tests {
             .unwrap_err();
         assert!(
             err.starts_with("line 3: unknown field `bootstrap_server`"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+        let err = parse_file("[kafka]\n[stage]\n").unwrap_err();
+        assert!(err.starts_with("line 2: unknown field `stage`"), "{err}");
+    }
+
+    #[derive(Debug, Default, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct FileStage {
+        size: Option<u32>,
+    }
+
+    impl FileTable for FileStage {
+        const NAME: &'static str = "log";
+    }
+
+    #[test]
+    fn a_stage_reads_its_own_table_with_the_line_of_a_mistake() {
+        let file = ConfigFile::new("x.toml", "[kafka]\n[log]\nsize = 3\n[aggregate]\nz = 1\n");
+        assert_eq!(file.table::<FileStage>().unwrap().size, Some(3));
+        assert_eq!(
+            ConfigFile::default().table::<FileStage>().unwrap(),
+            FileStage::default()
+        );
+        let file = ConfigFile::new("x.toml", "[log]\nsize = 3\nsise = 4\n");
+        let err = file.table::<FileStage>().unwrap_err().to_string();
+        assert!(
+            err.starts_with("config file x.toml: line 3: unknown field `sise`"),
             "{err}"
         );
         assert!(!err.contains('\n'));
@@ -970,17 +844,31 @@ mod tests {
             ),
             (
                 SettingsArgs {
-                    storage_type: Some("redis".into()),
+                    connect_timeout_secs: Some(0),
                     ..Default::default()
                 },
-                "STORAGE_TYPE",
+                "EVENTPIPE_CONNECT_TIMEOUT_SECS",
             ),
             (
                 SettingsArgs {
-                    aggregation_interval: Some("1m".into()),
+                    input_format: Some("xml".into()),
                     ..Default::default()
                 },
-                "AGGREGATION_INTERVAL",
+                "EVENTPIPE_INPUT_FORMAT",
+            ),
+            (
+                SettingsArgs {
+                    topic_formats: vec!["a b=avro".into()],
+                    ..Default::default()
+                },
+                "EVENTPIPE_TOPIC_FORMATS",
+            ),
+            (
+                SettingsArgs {
+                    log_format: Some("xml".into()),
+                    ..Default::default()
+                },
+                "EVENTPIPE_LOG_FORMAT",
             ),
             (
                 SettingsArgs {

@@ -1,16 +1,17 @@
 //! eventpipe: a Kafka-native stream processing pipeline (dispatch, log, aggregate).
-//! Module map, one line each — start reading at `cli` for the commands and `config` for settings.
+//! Module map, one line each — start reading at `cli` for the commands and `settings` for how settings resolve.
 
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod codec; // record formats per topic: json or Avro (Confluent framing) via the schema registry
-pub mod config; // typed settings: flags > environment > config file > defaults
+pub mod config; // global settings (Kafka, URLs, formats, telemetry) and the config file
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, admin helpers, delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
+pub mod settings; // one setting's resolution: flag > environment > config file > default, checked
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
 pub mod stage; // the stage runtime: one consume → handle → acknowledge → commit → dead-letter loop
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group

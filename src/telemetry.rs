@@ -99,9 +99,12 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
 }
 
 /// Binds the telemetry endpoint and serves it until `shutdown`; returns the bound address.
+/// `/metrics` is the recorder's metrics followed by `more_metrics()` (metrics kept outside the
+/// recorder, in Prometheus text format: the stage runtime's consumer lag).
 pub async fn serve(
     address: SocketAddr,
     readiness: Readiness,
+    more_metrics: fn() -> String,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let handle = install_metrics_recorder();
@@ -130,7 +133,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let mut text = handle.render();
-                text.push_str(&crate::stage::lag::render());
+                text.push_str(&more_metrics());
                 std::future::ready(text)
             }),
         )

@@ -287,7 +287,8 @@ fn bad_configuration_is_one_line_naming_the_setting() {
     );
     assert_one_line_error(&output, 2, "ELASTICSEARCH_URL");
 
-    let output = run_eventpipe(&["topics", "list"], &[("STORAGE_TYPE", "mongo")], None);
+    // A stage's own setting, checked before the stage connects to anything.
+    let output = run_eventpipe(&["aggregate"], &[("STORAGE_TYPE", "mongo")], None);
     assert_one_line_error(&output, 2, "STORAGE_TYPE");
 
     let output = run_eventpipe(&["topics", "list", "-X", "no.such.property=1"], &[], None);

@@ -208,7 +208,8 @@ async fn two_log_stages_in_one_process_share_the_work() {
     let spawn = |args: eventpipe::log::LogArgs, stop: CancellationToken| {
         let settings = settings.clone();
         tokio::spawn(async move {
-            eventpipe::log::run(&settings, args, Readiness::default(), stop).await
+            let log = eventpipe::log::LogSettings::load(&args, &settings)?;
+            eventpipe::log::run(&settings, log, Readiness::default(), stop).await
         })
     };
     let first_stop = CancellationToken::new();

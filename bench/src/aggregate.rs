@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use eventpipe::aggregate::event::Event;
 use eventpipe::aggregate::window::{Emission, Engine, EngineConfig, Outcome};
-use eventpipe::aggregate::AggregateArgs;
+use eventpipe::aggregate::{AggregateArgs, AggregateSettings};
 use eventpipe::config::Settings;
 use eventpipe::generate::{Generator, TrafficKind};
 use eventpipe::kafka::client::client_config;
@@ -181,13 +181,12 @@ async fn workloads(
 
 /// The engine configuration the stage resolves for this window size with the benchmark's flags.
 fn engine_config(settings: &Settings, window_secs: u64) -> anyhow::Result<EngineConfig> {
-    let mut aggregate = settings.aggregate.clone();
-    aggregate.interval = Duration::from_secs(window_secs);
     let args = AggregateArgs {
+        aggregation_interval: Some(window_secs.to_string()),
         idle_timeout_ms: Some(IDLE_TIMEOUT_MS),
         ..Default::default()
     };
-    Ok(eventpipe::aggregate::resolve(&aggregate, &args)?.engine)
+    Ok(AggregateSettings::load(&args, settings)?.pipeline.engine)
 }
 
 /// Stable partition of a series name, so the engine run partitions exactly as the topic does.
@@ -528,13 +527,13 @@ async fn stage_run(settings: &Settings, run: &StageRun<'_>) -> anyhow::Result<Be
             &format!("127.0.0.1:{port}"),
             "--log-level",
             "warn",
+            "aggregate",
             "--storage-type",
             "kafka",
             "--kafka-topic",
             run.output,
             "--aggregation-interval",
             &run.window_secs.to_string(),
-            "aggregate",
             "--input-topic",
             run.input,
             "--group-id",

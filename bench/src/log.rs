@@ -104,7 +104,7 @@ fn variant(
         bulk_concurrency: Some(concurrency),
         ..Default::default()
     };
-    Ok(LogSettings::resolve(&args, &settings.file_log)?)
+    Ok(LogSettings::load(&args, settings)?)
 }
 
 async fn workloads(

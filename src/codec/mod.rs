@@ -14,9 +14,8 @@ pub mod subjects;
 pub mod transcode;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::{CodecSettings, Format};
 pub use registry::{Registry, RegistryError};
 pub use schemas::{value_subject, SchemaName};
 
@@ -35,63 +35,6 @@ const MAGIC_BYTE: u8 = 0;
 const HEADER_BYTES: usize = 5;
 /// Waiting for the registry backs off up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-
-/// A topic's record format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
-    #[default]
-    Json,
-    Avro,
-}
-
-impl FromStr for Format {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Format, String> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "json" => Ok(Format::Json),
-            "avro" => Ok(Format::Avro),
-            other => Err(format!("unknown format {other:?} (expected json or avro)")),
-        }
-    }
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Avro => "avro",
-        }
-    }
-}
-
-/// Which format each topic uses: a default for the topics a stage reads, one for the topics it
-/// writes, and per-topic overrides (a topic has one format, whoever reads or writes it).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CodecSettings {
-    pub input: Format,
-    pub output: Format,
-    pub topics: BTreeMap<String, Format>,
-    /// Register the stage's writer schema when its subject lacks it (off: `schemas register`
-    /// is the deliberate, compatibility-checked step; a stage should not evolve a contract).
-    pub auto_register: bool,
-}
-
-impl CodecSettings {
-    pub fn input_format(&self, topic: &str) -> Format {
-        self.topics.get(topic).copied().unwrap_or(self.input)
-    }
-
-    pub fn output_format(&self, topic: &str) -> Format {
-        self.topics.get(topic).copied().unwrap_or(self.output)
-    }
-
-    /// Whether any topic may be Avro, i.e. whether a registry client is needed at all.
-    pub fn uses_avro(&self) -> bool {
-        self.input == Format::Avro
-            || self.output == Format::Avro
-            || self.topics.values().any(|f| *f == Format::Avro)
-    }
-}
 
 /// A record's own defect: dead-letter it with `kind` (metric label and header) and `reason`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -523,6 +466,7 @@ pub fn shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn avro_settings() -> Arc<CodecSettings> {
         Arc::new(CodecSettings {

@@ -1,11 +1,13 @@
 //! `eventpipe dispatch`: consumes the services' input topics, routes each envelope by action
 //! through the handler registry, and emits enriched envelopes, at least once, with dead letters.
 
+pub mod handler;
 pub mod handlers;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod routes;
+pub mod settings;
 pub mod transform;
 
 use std::sync::Arc;
@@ -13,11 +15,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, DispatchSettings, KafkaSettings};
+use crate::config::KafkaSettings;
+use crate::settings::ConfigError;
 use crate::stage::{DeadLetterTopic, InputTopics, NoHooks, OffsetPolicy, StageSpec};
 use crate::telemetry::Readiness;
 pub use pipeline::{DispatchStage, DispatchSummary};
 use registry::HandlerRegistry;
+pub use settings::{DispatchArgs, DispatchSettings};
 use transform::{DispatchCodecs, Transformer};
 
 use crate::codec;

@@ -89,7 +89,7 @@ pub fn parse(text: &str) -> Result<Vec<RouteSpec>, String> {
             return Err(format!("action {:?} is routed twice", route.action));
         }
         for output in &route.outputs {
-            if !crate::topics::valid_topic_name(&output.topic) {
+            if !crate::settings::valid_topic_name(&output.topic) {
                 return Err(format!(
                     "action {:?}: output topic {:?} is not a valid topic name",
                     route.action, output.topic

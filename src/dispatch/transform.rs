@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::registry::{Inbound, OutData, Router};
+use super::handler::{Inbound, OutData};
+use super::registry::Router;
 use crate::codec::{Codec, CodecSettings, Registry, SchemaName};
 use crate::envelope::EnvelopeRef;
 use crate::stage::dead_letter;

@@ -1,7 +1,7 @@
 //! Everything that talks to Kafka through librdkafka: client configuration and the logging
-//! context (`client`), broker reachability checks, and admin operations on topics (`admin`).
+//! context (`client`), broker reachability checks, and delivery (`delivery`). Admin operations
+//! on topics are `topics::admin`'s.
 
-pub mod admin;
 pub mod client;
 pub mod delivery;
 

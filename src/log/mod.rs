@@ -21,15 +21,14 @@ pub use pipeline::document_lines;
 pub use settings::{FileLog, LogArgs, LogSettings};
 use template::{index_template, DataMapping, TemplateOptions};
 
-/// Resolves the settings, installs the index template (waiting for Elasticsearch), then runs
-/// the consume → bulk loop until `shutdown`.
+/// Installs the index template (waiting for Elasticsearch), then runs the consume → bulk loop
+/// until `shutdown`.
 pub async fn run(
     settings: &Settings,
-    args: LogArgs,
+    log: LogSettings,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let log = LogSettings::resolve(&args, &settings.file_log)?;
     metrics::describe();
     crate::codec::describe_metrics("log");
     readiness.register("kafka");

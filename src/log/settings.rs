@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 use super::document::IndexPattern;
 use super::template::DataMapping;
-use crate::config::{ConfigError, SettingName};
+use crate::config::Settings;
+use crate::settings::{layer, ConfigError, FileTable, Setting, SettingName};
 
 /// A secret from a flag, the environment or the file: never shown by `Debug`.
 #[derive(Clone, Default, PartialEq, Deserialize)]
@@ -169,237 +170,256 @@ pub struct LogSettings {
     pub insecure: bool,
 }
 
-const fn name(key: &'static str, env: &'static str, flag: &'static str) -> SettingName {
-    SettingName { key, env, flag }
+impl FileTable for FileLog {
+    const NAME: &'static str = "log";
 }
 
-const INPUT_TOPIC: SettingName = name(
+const INPUT_TOPIC: Setting<String> = Setting::new(
     "log.input_topic",
     "EVENTPIPE_LOG_INPUT_TOPIC",
     "--input-topic",
-);
-const DEAD_LETTER_TOPIC: SettingName = name(
+)
+.default("info_in")
+.topic_name();
+const GROUP_ID: Setting<String> =
+    Setting::new("log.group_id", "EVENTPIPE_LOG_GROUP_ID", "--group-id").default("eventpipe-log");
+/// Default: `<input topic>.dlq`.
+const DEAD_LETTER_TOPIC: Setting<String> = Setting::new(
     "log.dead_letter_topic",
     "EVENTPIPE_LOG_DEAD_LETTER_TOPIC",
     "--dead-letter-topic",
-);
-const INDEX_PATTERN: SettingName = name(
+)
+.topic_name();
+const INDEX_PATTERN: Setting<String> = Setting::new(
     "log.index_pattern",
     "EVENTPIPE_LOG_INDEX_PATTERN",
     "--index-pattern",
-);
-const TEMPLATE_NAME: SettingName = name(
+)
+.default("logger-service-%Y.%m.%d");
+const TEMPLATE_NAME: Setting<String> = Setting::new(
     "log.template_name",
     "EVENTPIPE_LOG_TEMPLATE_NAME",
     "--template-name",
-);
-const DATA_MAPPING: SettingName = name(
+)
+.default("logger-service")
+.check(template_name);
+const TEMPLATE_PRIORITY: Setting<u32> = Setting::new(
+    "log.template_priority",
+    "EVENTPIPE_LOG_TEMPLATE_PRIORITY",
+    "--template-priority",
+)
+.default(200);
+const REPLICAS: Setting<u32> =
+    Setting::new("log.replicas", "EVENTPIPE_LOG_REPLICAS", "--replicas").default(0);
+const SHARDS: Setting<u32> = Setting::new("log.shards", "EVENTPIPE_LOG_SHARDS", "--shards")
+    .default(1)
+    .at_least(1);
+/// Default: flattened, falling back to disabled if the server lacks it.
+const DATA_MAPPING: Setting<String> = Setting::new(
     "log.data_mapping",
     "EVENTPIPE_LOG_DATA_MAPPING",
     "--data-mapping",
 );
-const BATCH_SIZE: SettingName = name("log.batch_size", "EVENTPIPE_LOG_BATCH_SIZE", "--batch-size");
-const BATCH_MAX_BYTES: SettingName = name(
+const BATCH_SIZE: Setting<u32> =
+    Setting::new("log.batch_size", "EVENTPIPE_LOG_BATCH_SIZE", "--batch-size")
+        .default(1000)
+        .between(1, 100_000);
+const BATCH_MAX_BYTES: Setting<u32> = Setting::new(
     "log.batch_max_bytes",
     "EVENTPIPE_LOG_BATCH_MAX_BYTES",
     "--batch-max-bytes",
-);
-const BULK_CONCURRENCY: SettingName = name(
+)
+.default(5 * 1024 * 1024)
+.at_least(1024);
+const BULK_CONCURRENCY: Setting<u32> = Setting::new(
     "log.bulk_concurrency",
     "EVENTPIPE_LOG_BULK_CONCURRENCY",
     "--bulk-concurrency",
-);
-const SHARDS: SettingName = name("log.shards", "EVENTPIPE_LOG_SHARDS", "--shards");
-const AUTH: SettingName = name(
+)
+.default(2)
+.between(1, 16);
+const FLUSH_INTERVAL_MS: Setting<u32> = Setting::new(
+    "log.flush_interval_ms",
+    "EVENTPIPE_LOG_FLUSH_INTERVAL_MS",
+    "--flush-interval-ms",
+)
+.default(200);
+const RETRY_INITIAL_BACKOFF_MS: Setting<u32> = Setting::new(
+    "log.retry_initial_backoff_ms",
+    "EVENTPIPE_LOG_RETRY_INITIAL_BACKOFF_MS",
+    "--retry-initial-backoff-ms",
+)
+.default(100);
+const RETRY_MAX_BACKOFF_MS: Setting<u32> = Setting::new(
+    "log.retry_max_backoff_ms",
+    "EVENTPIPE_LOG_RETRY_MAX_BACKOFF_MS",
+    "--retry-max-backoff-ms",
+)
+.default(5000);
+const REQUEST_TIMEOUT_SECS: Setting<u32> = Setting::new(
+    "log.request_timeout_secs",
+    "EVENTPIPE_LOG_REQUEST_TIMEOUT_SECS",
+    "--request-timeout-secs",
+)
+.default(30);
+const DRAIN_TIMEOUT_SECS: Setting<u32> = Setting::new(
+    "log.drain_timeout_secs",
+    "EVENTPIPE_LOG_DRAIN_TIMEOUT_SECS",
+    "--drain-timeout-secs",
+)
+.default(10);
+const MAX_ENVELOPE_BYTES: Setting<u32> = Setting::new(
+    "log.max_envelope_bytes",
+    "EVENTPIPE_LOG_MAX_ENVELOPE_BYTES",
+    "--max-envelope-bytes",
+)
+.default(crate::envelope::DEFAULT_MAX_ENVELOPE_BYTES as u32)
+.at_least(64);
+/// Basic authentication or an API key (resolved together).
+const AUTH: SettingName = SettingName::new(
     "log.username/password/api_key",
     "ELASTICSEARCH_USERNAME/PASSWORD/API_KEY",
     "--elasticsearch-username/-password/-api-key",
 );
-const MAX_ENVELOPE_BYTES: SettingName = name(
-    "log.max_envelope_bytes",
-    "EVENTPIPE_LOG_MAX_ENVELOPE_BYTES",
-    "--max-envelope-bytes",
+const CA_CERT: Setting<PathBuf> = Setting::new(
+    "log.ca_cert",
+    "ELASTICSEARCH_CA_CERT",
+    "--elasticsearch-ca-cert",
 );
+const INSECURE: Setting<bool> = Setting::new(
+    "log.insecure",
+    "ELASTICSEARCH_INSECURE",
+    "--elasticsearch-insecure",
+)
+.default(false);
 
-fn invalid(setting: &SettingName, value: impl Into<String>, reason: impl ToString) -> ConfigError {
-    ConfigError::Invalid {
-        setting: setting.to_string(),
-        value: value.into(),
-        reason: reason.to_string(),
+/// The check of `log.template_name`.
+fn template_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    match valid {
+        true => Ok(()),
+        false => Err("expected lowercase letters, digits, - _ .".into()),
     }
 }
 
 impl LogSettings {
+    /// Merges `eventpipe log` flags (and their environment variables) over the config file's
+    /// `[log]` table.
+    pub fn load(args: &LogArgs, settings: &Settings) -> Result<LogSettings, ConfigError> {
+        Self::resolve(args, &settings.file.table()?)
+    }
+
     /// Merges `eventpipe log` flags (and their environment variables) over the file's `[log]`.
     pub fn resolve(args: &LogArgs, file: &FileLog) -> Result<LogSettings, ConfigError> {
-        let input_topic = args
-            .input_topic
-            .clone()
-            .or(file.input_topic.clone())
-            .unwrap_or_else(|| "info_in".into());
-        if !crate::topics::valid_topic_name(&input_topic) {
-            return Err(invalid(&INPUT_TOPIC, input_topic, "not a valid topic name"));
-        }
-        let dead_letter_topic = args
-            .dead_letter_topic
-            .clone()
-            .or(file.dead_letter_topic.clone())
-            .unwrap_or_else(|| crate::stage::dead_letter::dead_letter_topic(&input_topic, ".dlq"));
-        if !crate::topics::valid_topic_name(&dead_letter_topic) || dead_letter_topic == input_topic
-        {
-            return Err(invalid(
-                &DEAD_LETTER_TOPIC,
+        let input_topic = INPUT_TOPIC.resolve(&args.input_topic, &file.input_topic)?;
+        let dead_letter_topic = DEAD_LETTER_TOPIC.resolve_or(
+            &args.dead_letter_topic,
+            &file.dead_letter_topic,
+            || crate::stage::dead_letter::dead_letter_topic(&input_topic, ".dlq"),
+        )?;
+        if dead_letter_topic == input_topic {
+            return Err(DEAD_LETTER_TOPIC.invalid(
                 dead_letter_topic,
                 "must be a valid topic name other than the input topic",
             ));
         }
-        let pattern_raw = args
-            .index_pattern
-            .clone()
-            .or(file.index_pattern.clone())
-            .unwrap_or_else(|| "logger-service-%Y.%m.%d".into());
-        let index_pattern = IndexPattern::parse(&pattern_raw)
-            .map_err(|reason| invalid(&INDEX_PATTERN, pattern_raw.as_str(), reason))?;
-        let template_name = args
-            .template_name
-            .clone()
-            .or(file.template_name.clone())
-            .unwrap_or_else(|| "logger-service".into());
-        if template_name.is_empty()
-            || !template_name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
-        {
-            return Err(invalid(
-                &TEMPLATE_NAME,
-                template_name,
-                "expected lowercase letters, digits, - _ .",
-            ));
-        }
-        let data_mapping = match args.data_mapping.clone().or(file.data_mapping.clone()) {
-            None => None,
-            Some(raw) => Some(DataMapping::parse(&raw).ok_or_else(|| {
-                invalid(
-                    &DATA_MAPPING,
-                    raw.as_str(),
-                    "expected flattened, flat_object or disabled",
-                )
-            })?),
-        };
-        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1000) as usize;
-        if !(1..=100_000).contains(&batch_size) {
-            return Err(invalid(
-                &BATCH_SIZE,
-                batch_size.to_string(),
-                "expected 1 to 100000",
-            ));
-        }
-        let batch_max_bytes = args
-            .batch_max_bytes
-            .or(file.batch_max_bytes)
-            .unwrap_or(5 * 1024 * 1024) as usize;
-        if batch_max_bytes < 1024 {
-            return Err(invalid(
-                &BATCH_MAX_BYTES,
-                batch_max_bytes.to_string(),
-                "must be at least 1024",
-            ));
-        }
-        let bulk_concurrency =
-            args.bulk_concurrency.or(file.bulk_concurrency).unwrap_or(2) as usize;
-        if !(1..=16).contains(&bulk_concurrency) {
-            return Err(invalid(
-                &BULK_CONCURRENCY,
-                bulk_concurrency.to_string(),
-                "expected 1 to 16",
-            ));
-        }
-        let shards = args.shards.or(file.shards).unwrap_or(1);
-        if shards == 0 {
-            return Err(invalid(&SHARDS, "0", "must be at least 1"));
-        }
-        let max_envelope_bytes = args
-            .max_envelope_bytes
-            .or(file.max_envelope_bytes)
-            .map_or(crate::envelope::DEFAULT_MAX_ENVELOPE_BYTES, |b| b as usize);
-        if max_envelope_bytes < 64 {
-            return Err(invalid(
-                &MAX_ENVELOPE_BYTES,
-                max_envelope_bytes.to_string(),
-                "must be at least 64",
-            ));
-        }
-        let username = args
-            .elasticsearch_username
-            .clone()
-            .or(file.username.clone());
-        let password = args
-            .elasticsearch_password
-            .clone()
-            .or(file.password.clone());
-        let api_key = args.elasticsearch_api_key.clone().or(file.api_key.clone());
-        let auth = match (username, password, api_key) {
-            (None, None, None) => Auth::None,
-            (None, None, Some(key)) => Auth::ApiKey(key),
-            (Some(username), Some(password), None) => Auth::Basic { username, password },
-            (_, _, Some(_)) => {
-                return Err(invalid(
-                    &AUTH,
-                    "both",
-                    "set an API key or a username and password, not both",
-                ))
-            }
-            _ => {
-                return Err(invalid(
-                    &AUTH,
-                    "incomplete",
-                    "basic authentication needs both a username and a password",
-                ))
-            }
-        };
-        let millis = |flag: Option<u32>, file: Option<u32>, default: u32| {
-            Duration::from_millis(u64::from(flag.or(file).unwrap_or(default).max(1)))
-        };
-        let secs = |flag: Option<u32>, file: Option<u32>, default: u32| {
-            Duration::from_secs(u64::from(flag.or(file).unwrap_or(default).max(1)))
-        };
+        type Unit = fn(u64) -> Duration;
+        let (millis, secs): (Unit, Unit) = (Duration::from_millis, Duration::from_secs);
+        // 0 means the shortest: 1 ms or 1 s.
+        let duration =
+            |setting: &Setting<u32>, flag: &Option<u32>, file: &Option<u32>, unit: Unit| {
+                let value = setting.resolve(flag, file)?;
+                Ok::<_, ConfigError>(unit(u64::from(value.max(1))))
+            };
         Ok(LogSettings {
-            group_id: args
-                .group_id
-                .clone()
-                .or(file.group_id.clone())
-                .unwrap_or_else(|| "eventpipe-log".into()),
+            group_id: GROUP_ID.resolve(&args.group_id, &file.group_id)?,
             input_topic,
             dead_letter_topic,
-            index_pattern,
-            template_name,
-            template_priority: args
-                .template_priority
-                .or(file.template_priority)
-                .unwrap_or(200),
-            replicas: args.replicas.or(file.replicas).unwrap_or(0),
-            shards,
-            data_mapping,
-            batch_size,
-            batch_max_bytes,
-            bulk_concurrency,
-            flush_interval: millis(args.flush_interval_ms, file.flush_interval_ms, 200),
-            retry_initial_backoff: millis(
-                args.retry_initial_backoff_ms,
-                file.retry_initial_backoff_ms,
-                100,
-            ),
-            retry_max_backoff: millis(args.retry_max_backoff_ms, file.retry_max_backoff_ms, 5000),
-            request_timeout: secs(args.request_timeout_secs, file.request_timeout_secs, 30),
-            drain_timeout: secs(args.drain_timeout_secs, file.drain_timeout_secs, 10),
-            max_envelope_bytes,
-            auth,
-            ca_cert: args.elasticsearch_ca_cert.clone().or(file.ca_cert.clone()),
-            insecure: args
-                .elasticsearch_insecure
-                .or(file.insecure)
-                .unwrap_or(false),
+            index_pattern: INDEX_PATTERN.resolve_with(
+                &args.index_pattern,
+                &file.index_pattern,
+                |raw| IndexPattern::parse(raw),
+            )?,
+            template_name: TEMPLATE_NAME.resolve(&args.template_name, &file.template_name)?,
+            template_priority: TEMPLATE_PRIORITY
+                .resolve(&args.template_priority, &file.template_priority)?,
+            replicas: REPLICAS.resolve(&args.replicas, &file.replicas)?,
+            shards: SHARDS.resolve(&args.shards, &file.shards)?,
+            data_mapping: DATA_MAPPING.optional_with(
+                &args.data_mapping,
+                &file.data_mapping,
+                |raw| {
+                    DataMapping::parse(raw)
+                        .ok_or_else(|| "expected flattened, flat_object or disabled".to_string())
+                },
+            )?,
+            batch_size: BATCH_SIZE.resolve(&args.batch_size, &file.batch_size)? as usize,
+            batch_max_bytes: BATCH_MAX_BYTES
+                .resolve(&args.batch_max_bytes, &file.batch_max_bytes)?
+                as usize,
+            bulk_concurrency: BULK_CONCURRENCY
+                .resolve(&args.bulk_concurrency, &file.bulk_concurrency)?
+                as usize,
+            flush_interval: duration(
+                &FLUSH_INTERVAL_MS,
+                &args.flush_interval_ms,
+                &file.flush_interval_ms,
+                millis,
+            )?,
+            retry_initial_backoff: duration(
+                &RETRY_INITIAL_BACKOFF_MS,
+                &args.retry_initial_backoff_ms,
+                &file.retry_initial_backoff_ms,
+                millis,
+            )?,
+            retry_max_backoff: duration(
+                &RETRY_MAX_BACKOFF_MS,
+                &args.retry_max_backoff_ms,
+                &file.retry_max_backoff_ms,
+                millis,
+            )?,
+            request_timeout: duration(
+                &REQUEST_TIMEOUT_SECS,
+                &args.request_timeout_secs,
+                &file.request_timeout_secs,
+                secs,
+            )?,
+            drain_timeout: duration(
+                &DRAIN_TIMEOUT_SECS,
+                &args.drain_timeout_secs,
+                &file.drain_timeout_secs,
+                secs,
+            )?,
+            max_envelope_bytes: MAX_ENVELOPE_BYTES
+                .resolve(&args.max_envelope_bytes, &file.max_envelope_bytes)?
+                as usize,
+            auth: auth(args, file)?,
+            ca_cert: CA_CERT.optional(&args.elasticsearch_ca_cert, &file.ca_cert)?,
+            insecure: INSECURE.resolve(&args.elasticsearch_insecure, &file.insecure)?,
         })
+    }
+}
+
+/// Basic authentication, an API key or none; not both, and not half of basic.
+fn auth(args: &LogArgs, file: &FileLog) -> Result<Auth, ConfigError> {
+    let username = layer(&args.elasticsearch_username, &file.username);
+    let password = layer(&args.elasticsearch_password, &file.password);
+    let api_key = layer(&args.elasticsearch_api_key, &file.api_key);
+    match (username, password, api_key) {
+        (None, None, None) => Ok(Auth::None),
+        (None, None, Some(key)) => Ok(Auth::ApiKey(key)),
+        (Some(username), Some(password), None) => Ok(Auth::Basic { username, password }),
+        (_, _, Some(_)) => Err(AUTH.invalid(
+            "both",
+            "set an API key or a username and password, not both",
+        )),
+        _ => Err(AUTH.invalid(
+            "incomplete",
+            "basic authentication needs both a username and a password",
+        )),
     }
 }
 
@@ -408,7 +428,9 @@ mod tests {
     use super::*;
 
     fn file(text: &str) -> FileLog {
-        crate::config::parse_file(text).unwrap().log
+        crate::config::ConfigFile::new("test.toml", text)
+            .table()
+            .unwrap()
     }
 
     #[test]

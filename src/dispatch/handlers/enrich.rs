@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::dispatch::registry::{Handler, HandlerError, Inbound, OutData, Outbound};
+use crate::dispatch::handler::{Handler, HandlerError, Inbound, OutData, Outbound};
 use crate::dispatch::routes::{OutputSpec, RouteSpec};
 
 pub struct Enrich {

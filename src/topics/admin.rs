@@ -11,9 +11,11 @@ use rdkafka::admin::{
 use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::client::{create_client, wait_for_broker, ClientKind, KafkaError, PipelineContext};
+use super::{plan, ExistingTopic, TopicChange, TopicSpec};
 use crate::config::KafkaSettings;
-use crate::topics::{plan, ExistingTopic, TopicChange, TopicSpec};
+use crate::kafka::client::{
+    create_client, wait_for_broker, ClientKind, KafkaError, PipelineContext,
+};
 
 /// An admin client already proven to reach the cluster.
 pub struct Admin {

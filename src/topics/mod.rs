@@ -1,12 +1,17 @@
 //! Topic definitions (topics/topics.toml) and the pure plan that brings a cluster in line with
-//! them: create what is missing, grow partitions, set configs — never delete or shrink.
+//! them: create what is missing, grow partitions, set configs — never delete or shrink; `admin`
+//! reads and changes a live cluster.
 
-use crate::codec::SchemaName;
+pub mod admin;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::codec::SchemaName;
+use crate::settings::valid_topic_name;
 
 /// Suffix of dead-letter topics: `<input topic>.dlq`.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
@@ -225,17 +230,6 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
         }
     }
     Ok(specs)
-}
-
-/// Kafka's legal topic names.
-pub fn valid_topic_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Compares the definitions with the cluster and lists the changes, one or more per topic.
