@@ -195,6 +195,7 @@ pub async fn run(
             sink_backoff: FIRST_SINK_BACKOFF,
             next_sink_attempt: None,
             last_metrics: Instant::now(),
+            metrics: EventMetrics::default(),
         }
     })
     .await?;
@@ -229,6 +230,22 @@ struct AggregateStage {
     /// Set while the sink is failing: when to try again.
     next_sink_attempt: Option<Instant>,
     last_metrics: Instant,
+    metrics: EventMetrics,
+}
+
+/// Per-event metric handles, resolved once rather than looked up in the registry per event.
+struct EventMetrics {
+    aggregated: metrics::Counter,
+    processing_seconds: metrics::Histogram,
+}
+
+impl Default for EventMetrics {
+    fn default() -> Self {
+        EventMetrics {
+            aggregated: metrics::counter!("eventpipe_aggregate_aggregated_events_total"),
+            processing_seconds: metrics::histogram!("eventpipe_aggregate_processing_seconds"),
+        }
+    }
 }
 
 impl Stage for AggregateStage {
@@ -264,8 +281,7 @@ impl Stage for AggregateStage {
                 match outcome {
                     Outcome::Accepted { late } => {
                         self.totals.summary.aggregated += 1;
-                        metrics::counter!("eventpipe_aggregate_aggregated_events_total")
-                            .increment(1);
+                        self.metrics.aggregated.increment(1);
                         if late {
                             metrics::counter!("eventpipe_aggregate_late_events_total", "outcome" => "accepted").increment(1);
                         }
@@ -303,7 +319,9 @@ impl Stage for AggregateStage {
         };
         let elapsed = started.elapsed();
         self.totals.processing += elapsed;
-        metrics::histogram!("eventpipe_aggregate_processing_seconds").record(elapsed.as_secs_f64());
+        self.metrics
+            .processing_seconds
+            .record(elapsed.as_secs_f64());
         Ok(handled)
     }
 

@@ -12,6 +12,8 @@ use crate::codec::{Codec, CodecSettings, Registry, SchemaName};
 use crate::envelope::EnvelopeRef;
 use crate::stage::dead_letter;
 pub use crate::stage::OutputRecord;
+#[cfg(test)]
+use crate::stage::RecordHeaders;
 use crate::stage::{DeadLetter, Record};
 
 /// A consumed record as the transform needs it.
@@ -208,7 +210,7 @@ mod tests {
             timestamp_ms: Some(1_714_564_800_000),
             key: Some(b"42"),
             payload,
-            headers: vec![("trace", b"abc")],
+            headers: RecordHeaders::Pairs(&[("trace", b"abc")]),
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::message::{Header, OwnedHeaders};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,7 +22,7 @@ use crate::config::KafkaSettings;
 use crate::envelope::DecodeError;
 use crate::stage::{
     DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy, PartitionHooks, PartitionId,
-    Record, Stage, StageError, StageIo, StageSpec,
+    Record, RecordHeaders, Stage, StageError, StageIo, StageSpec,
 };
 use crate::telemetry::Readiness;
 
@@ -39,22 +40,29 @@ struct Original {
     timestamp_ms: Option<i64>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Option<OwnedHeaders>,
 }
 
 impl Original {
     fn of(record: &Record<'_>) -> Original {
+        let headers = (!record.headers.is_empty()).then(|| {
+            record.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(record.headers.len()),
+                |h, (key, value)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                },
+            )
+        });
         Original {
             partition: record.partition_id(),
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
             key: record.key.map(<[u8]>::to_vec),
             payload: record.payload.to_vec(),
-            headers: record
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_vec()))
-                .collect(),
+            headers,
         }
     }
 
@@ -68,9 +76,8 @@ impl Original {
             payload: &self.payload,
             headers: self
                 .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect(),
+                .as_ref()
+                .map_or(RecordHeaders::None, RecordHeaders::Owned),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The one loop every stage runs in: connect, subscribe, feed records to the stage in order,
 //! produce what it returns, commit by the offset policy, and drain on revocation and on stop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +19,8 @@ use super::context::{cap_below, Shared, StageContext};
 use super::merge::{Merger, Next};
 use super::output::{self, Deliveries, Delivery, DeliveryContext, OutputProducer, SendError};
 use super::{
-    dead_letter, Checkpoint, DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy,
-    OutputRecord, PartitionHooks, Record, Stage, StageError, StageSpec,
+    dead_letter, AsRecordHeaders, Checkpoint, DeadLetter, DeadLetterTopic, Handled, InputTopics,
+    OffsetPolicy, OutputRecord, PartitionHooks, Record, Stage, StageError, StageSpec,
 };
 use crate::config::KafkaSettings;
 use crate::kafka::client::{client_config, require_topics, wait_for_broker};
@@ -191,7 +191,7 @@ pub async fn run<S: Stage>(
         shared,
         producer,
         deliveries,
-        topics: HashMap::new(),
+        topics: Vec::new(),
         held: None,
         merger: Merger::new(MERGE_MAX_IDLE, MERGE_MAX_BUFFERED),
         assignment_generation: 0,
@@ -349,7 +349,8 @@ struct Driver {
     shared: Arc<Shared>,
     producer: Arc<OutputProducer>,
     deliveries: Arc<Deliveries>,
-    topics: HashMap<String, Arc<str>>,
+    /// Interned topic names; a stage reads a handful, so a scan beats hashing per record.
+    topics: Vec<Arc<str>>,
     held: Option<Held>,
     /// Several input topics: records go through the timestamp merge per partition number.
     merging: bool,
@@ -383,11 +384,11 @@ impl Driver {
     }
 
     fn topic(&mut self, name: &str) -> Arc<str> {
-        if let Some(topic) = self.topics.get(name) {
+        if let Some(topic) = self.topics.iter().find(|t| &***t == name) {
             return topic.clone();
         }
         let topic: Arc<str> = name.into();
-        self.topics.insert(name.to_string(), topic.clone());
+        self.topics.push(topic.clone());
         topic
     }
 
@@ -398,6 +399,8 @@ impl Driver {
     ) -> Result<(), StageError> {
         let mut tick = tokio::time::interval(self.spec.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The deadline of a timer that is not armed: read once, not per record.
+        let never = Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -424,10 +427,7 @@ impl Driver {
                     Next::Empty => {}
                 }
             }
-            let retry_at = self.held.as_ref().map_or_else(
-                || Instant::now() + Duration::from_secs(3600),
-                |h| h.retry_at,
-            );
+            let retry_at = self.held.as_ref().map_or(never, |h| h.retry_at);
             // With a record held, new records are taken only once the assignment is paused
             // (they are then the few already fetched, kept in order): polling must go on so
             // the group keeps this member.
@@ -470,7 +470,7 @@ impl Driver {
 
     /// The first attempt at a record: begin its bookkeeping and hand it to the stage; returns
     /// why not, if its dependency is down (the caller then holds the record).
-    async fn first_attempt<S: Stage, M: Message>(
+    async fn first_attempt<S: Stage, M: Message + AsRecordHeaders>(
         &mut self,
         stage: &mut S,
         message: &M,
@@ -553,12 +553,8 @@ impl Driver {
         let topic = self.topic(held.message.topic());
         let record = Record::from_message(&held.message, &topic);
         match self.attempt(stage, &record).await? {
-            Step::Handled => {
-                drop(record);
-                self.resume();
-            }
+            Step::Handled => self.resume(),
             Step::Unavailable { dependency, reason } => {
-                drop(record);
                 let delay = (held.delay * 2).min(MAX_RETRY);
                 let pause = held.since.elapsed() >= PAUSE_AFTER;
                 self.held = Some(Held {

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedHeaders, Headers, Message, OwnedHeaders};
 
 pub use ack::PartitionId;
 pub use driver::{run, StageIo};
@@ -114,11 +114,15 @@ pub struct Record<'a> {
     pub timestamp_ms: Option<i64>,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
-    pub headers: Vec<(&'a str, &'a [u8])>,
+    pub headers: RecordHeaders<'a>,
 }
 
 impl<'a> Record<'a> {
-    pub fn from_message<M: Message>(message: &'a M, topic: &'a Arc<str>) -> Record<'a> {
+    /// A record read in place from a consumed message (librdkafka's or a kept copy).
+    pub fn from_message<M: Message + AsRecordHeaders>(
+        message: &'a M,
+        topic: &'a Arc<str>,
+    ) -> Record<'a> {
         Record {
             topic,
             partition: message.partition(),
@@ -126,15 +130,7 @@ impl<'a> Record<'a> {
             timestamp_ms: message.timestamp().to_millis(),
             key: message.key(),
             payload: message.payload().unwrap_or_default(),
-            headers: message
-                .headers()
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|h| (h.key, h.value.unwrap_or_default()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: message.record_headers(),
         }
     }
 
@@ -150,7 +146,79 @@ impl<'a> Record<'a> {
         self.headers
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| *value)
+            .map(|(_, value)| value)
+    }
+}
+
+/// A record's headers, read in place (no copy per record). librdkafka parses a consumed
+/// message's headers (and allocates for them) on first access, so they stay unparsed until a
+/// stage asks.
+#[derive(Clone, Copy)]
+pub enum RecordHeaders<'a> {
+    None,
+    Unparsed(&'a rdkafka::message::BorrowedMessage<'a>),
+    Owned(&'a OwnedHeaders),
+    Pairs(&'a [(&'a str, &'a [u8])]),
+}
+
+impl std::fmt::Debug for RecordHeaders<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(k, v)| (k, String::from_utf8_lossy(v))))
+            .finish()
+    }
+}
+
+impl<'a> RecordHeaders<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            RecordHeaders::None => 0,
+            RecordHeaders::Unparsed(message) => Message::headers(message).map_or(0, |h| h.count()),
+            RecordHeaders::Owned(h) => h.count(),
+            RecordHeaders::Pairs(pairs) => pairs.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// (name, value) in order; a header without a value reads as empty.
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+        (0..self.len()).map(move |index| match self {
+            RecordHeaders::None => unreachable!("no headers to iterate"),
+            RecordHeaders::Unparsed(message) => {
+                let header = borrowed_headers(message).get(index);
+                (header.key, header.value.unwrap_or_default())
+            }
+            RecordHeaders::Owned(h) => {
+                let header = h.get(index);
+                (header.key, header.value.unwrap_or_default())
+            }
+            RecordHeaders::Pairs(pairs) => pairs[index],
+        })
+    }
+}
+
+/// Messages whose headers a `Record` can read in place.
+pub trait AsRecordHeaders {
+    fn record_headers(&self) -> RecordHeaders<'_>;
+}
+
+impl<'c> AsRecordHeaders for rdkafka::message::BorrowedMessage<'c> {
+    fn record_headers(&self) -> RecordHeaders<'_> {
+        RecordHeaders::Unparsed(self)
+    }
+}
+
+/// The headers of a message known to have some (`len` counted them).
+fn borrowed_headers<'a>(message: &'a rdkafka::message::BorrowedMessage<'a>) -> &'a BorrowedHeaders {
+    Message::headers(message).expect("headers counted above")
+}
+
+impl AsRecordHeaders for rdkafka::message::OwnedMessage {
+    fn record_headers(&self) -> RecordHeaders<'_> {
+        Message::headers(self).map_or(RecordHeaders::None, RecordHeaders::Owned)
     }
 }
 
