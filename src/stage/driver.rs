@@ -14,13 +14,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ack::{lock, AckTracker, PartitionId};
+use super::client::{
+    blocking, caught_up, create_producer, driver_merges, same_partitions,
+    warn_unless_co_partitioned, DEAD_LETTER_HEADROOM, TRANSACTION_TIMEOUT,
+};
 use super::commit::Committer;
 use super::context::{cap_below, Shared, StageContext};
+use super::io::{Acks, DeadLetters, StageIo};
 use super::merge::{Merger, Next};
-use super::output::{self, Deliveries, Delivery, DeliveryContext, OutputProducer, SendError};
+use super::metrics::describe_metrics;
+use super::output::{self, Deliveries, Delivery, OutputProducer, SendError};
 use super::{
-    dead_letter, AsRecordHeaders, Checkpoint, DeadLetter, DeadLetterTopic, Handled, InputTopics,
-    OffsetPolicy, OutputRecord, PartitionHooks, Record, Stage, StageError, StageSpec,
+    dead_letter, AsRecordHeaders, Checkpoint, DeadLetter, Handled, OffsetPolicy, OutputRecord,
+    PartitionHooks, Record, Stage, StageError, StageSpec,
 };
 use crate::config::KafkaSettings;
 use crate::kafka::client::{client_config, require_topics, wait_for_broker};
@@ -35,8 +41,6 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Bounds on the wait between re-sends of failed dead letters.
 const DEAD_LETTER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const DEAD_LETTER_MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Blocking transaction calls give up after this (librdkafka's own bound).
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an empty input partition that has more to deliver (or whose first fetch has not
 /// answered yet) may hold back the records of its co-partitioned topics (Kafka Streams'
 /// `max.task.idle.ms`). A caught-up partition holds nothing back, so this is paid only while a
@@ -44,67 +48,6 @@ const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const MERGE_MAX_IDLE: Duration = Duration::from_secs(1);
 /// Records buffered for the merge at most; past it the oldest head goes regardless.
 const MERGE_MAX_BUFFERED: usize = 10_000;
-/// Room above `max_record_bytes` for a dead letter's headers.
-const DEAD_LETTER_HEADROOM: usize = 16 * 1024;
-
-/// What a stage gets from the runtime to acknowledge and dead-letter records it handles later
-/// (`Handled::Pending`), from any task.
-#[derive(Clone)]
-pub struct StageIo {
-    pub acks: Acks,
-    pub dead_letters: DeadLetters,
-    pub readiness: Readiness,
-    pub shutdown: CancellationToken,
-}
-
-/// Acknowledges records the stage handled as `Handled::Pending`.
-#[derive(Clone)]
-pub struct Acks {
-    tracker: Arc<Mutex<AckTracker>>,
-}
-
-impl Acks {
-    /// The record at `offset` is durably handled; each `Pending` record is acknowledged once.
-    pub fn ack(&self, partition: &PartitionId, offset: i64) {
-        lock(&self.tracker).ack(partition, offset);
-    }
-
-    /// Records handed to the stage and not yet acknowledged.
-    pub fn in_flight(&self) -> usize {
-        lock(&self.tracker).in_flight()
-    }
-}
-
-/// Writes dead letters of `Pending` records: the record is acknowledged when its dead letter is.
-#[derive(Clone)]
-pub struct DeadLetters {
-    stage: &'static str,
-    producer: Arc<OutputProducer>,
-    topics: DeadLetterTopic,
-}
-
-impl DeadLetters {
-    pub async fn send(&self, record: &Record<'_>, dead_letter: &DeadLetter) {
-        let output = dead_letter::record(
-            self.stage,
-            dead_letter,
-            record,
-            &self.topics.for_input(record.topic),
-        );
-        let token = Box::new(Delivery {
-            input: Some((record.partition_id(), record.offset)),
-            dead_letter: true,
-            input_timestamp_ms: record.timestamp_ms,
-        });
-        if let Err(error) = output::send(&self.producer, &output, token).await {
-            self.producer
-                .context()
-                .deliveries
-                .fail(format!("dead letter not accepted: {error:?}"));
-        }
-    }
-}
-
 /// Runs a stage until `shutdown` is cancelled or the stage cannot go on without losing data.
 /// `build` makes the stage once the runtime's clients exist; the stage is returned at the end
 /// (for its summary).
@@ -210,117 +153,6 @@ pub async fn run<S: Stage>(
         "stage stopped"
     );
     outcome.map(|()| stage)
-}
-
-fn create_producer(
-    kafka: &KafkaSettings,
-    spec: &StageSpec,
-    log: &PipelineContext,
-    deliveries: Arc<Deliveries>,
-) -> Result<OutputProducer, KafkaError> {
-    let mut config = client_config(kafka, ClientKind::Producer);
-    // Outputs are checked against `max_record_bytes` (the user's `message.max.bytes`, or
-    // librdkafka's default) before sending; dead letters (the original record plus headers saying
-    // why) get the headroom above it.
-    config.set(
-        "message.max.bytes",
-        (spec.max_record_bytes + DEAD_LETTER_HEADROOM).to_string(),
-    );
-    if let OffsetPolicy::Transactional {
-        transactional_id, ..
-    } = &spec.policy
-    {
-        let timeout = TRANSACTION_TIMEOUT.as_millis().to_string();
-        config
-            .set("transactional.id", transactional_id)
-            .set("transaction.timeout.ms", &timeout)
-            // librdkafka requires a record to time out no later than its transaction.
-            .set("message.timeout.ms", &timeout);
-    }
-    config
-        .create_with_context(DeliveryContext {
-            log: log.clone(),
-            deliveries,
-        })
-        .map_err(|e| match e {
-            rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
-                KafkaError::Config(format!("{key}={value}: {desc}"))
-            }
-            other => KafkaError::Client(other),
-        })
-}
-
-/// Several named inputs with different partition counts cannot be merged per partition number.
-fn warn_unless_co_partitioned(spec: &StageSpec, metadata: &rdkafka::metadata::Metadata) {
-    let InputTopics::Names(names) = &spec.inputs else {
-        return;
-    };
-    let counts: BTreeMap<&str, usize> = metadata
-        .topics()
-        .iter()
-        .filter(|t| names.iter().any(|n| n == t.name()))
-        .map(|t| (t.name(), t.partitions().len()))
-        .collect();
-    let distinct: std::collections::BTreeSet<_> = counts.values().collect();
-    if distinct.len() > 1 {
-        tracing::warn!(
-            stage = spec.name,
-            partitions = ?counts,
-            "inputs are not co-partitioned (different partition counts): events of one key on different topics may be handled out of their produced order"
-        );
-    }
-}
-
-/// Several topics (named, or a pattern's matches) are merged per partition number.
-fn driver_merges(inputs: &InputTopics) -> bool {
-    match inputs {
-        InputTopics::Names(names) => names.len() > 1,
-        InputTopics::Pattern(_) => true,
-    }
-}
-
-/// Whether an empty partition has nothing more to deliver: the next offset after the last
-/// record received reaches the high watermark librdkafka last saw in a fetch (no network call).
-fn caught_up(
-    consumer: &StreamConsumer<StageContext>,
-    topic: &str,
-    partition: i32,
-    next_offset: Option<i64>,
-) -> bool {
-    let Ok(topic) = std::ffi::CString::new(topic) else {
-        return true;
-    };
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer lives as long as `consumer`; the topic is a valid C string;
-    // librdkafka only reads its cached offsets and writes the two out-parameters.
-    let error = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    if error != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
-        return false;
-    }
-    match next_offset {
-        Some(next) => next >= high,
-        // Nothing received since the assignment: caught up only if the partition is empty.
-        None => high <= low,
-    }
-}
-
-/// Runs a blocking librdkafka call off the async worker where the runtime allows it.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    let multi_threaded = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_threaded {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
 }
 
 /// A record whose dependency was down: kept (copied) and retried, in order.
@@ -916,44 +748,4 @@ impl Driver {
             (Ok(()), None) => Ok(()),
         }
     }
-}
-
-fn same_partitions(a: &TopicPartitionList, b: &TopicPartitionList) -> bool {
-    let list = |l: &TopicPartitionList| {
-        l.elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect::<Vec<_>>()
-    };
-    list(a) == list(b)
-}
-
-/// Help text for the runtime's metrics of one stage.
-fn describe_metrics(stage: &'static str) {
-    use metrics::{describe_counter, describe_gauge};
-    describe_counter!(
-        format!("eventpipe_{stage}_produced_total"),
-        "Output records acknowledged by Kafka, by output topic (dead letters included)."
-    );
-    describe_counter!(
-        format!("eventpipe_{stage}_dead_letter_retries_total"),
-        "Dead-letter writes that failed and were retried."
-    );
-    describe_gauge!(
-        format!("eventpipe_{stage}_paused"),
-        "1 while consumption is paused because a dependency is down or behind."
-    );
-    describe_counter!(
-        format!("eventpipe_{stage}_transactions_total"),
-        "Exactly once: transactions by outcome (committed, aborted)."
-    );
-    describe_counter!(
-        "eventpipe_stage_commit_failures_total",
-        "Offset commits that failed (retried on the next tick), by stage."
-    );
-    describe_gauge!(
-        format!("eventpipe_{stage}_in_flight_inputs"),
-        "Inputs consumed and not yet acknowledged (or awaiting their dead letter)."
-    );
-    metrics::gauge!(format!("eventpipe_{stage}_paused")).set(0.0);
 }

@@ -12,12 +12,15 @@
 //! `StageSpec`, and call `stage::run`.
 
 pub mod ack;
+mod client;
 mod commit;
 mod context;
 pub mod dead_letter;
 mod driver;
+mod io;
 pub mod lag;
 pub mod merge;
+mod metrics;
 pub mod output;
 
 use std::future::Future;
@@ -27,7 +30,8 @@ use std::time::Duration;
 use rdkafka::message::{BorrowedHeaders, Headers, Message, OwnedHeaders};
 
 pub use ack::PartitionId;
-pub use driver::{run, StageIo};
+pub use driver::run;
+pub use io::{Acks, DeadLetters, StageIo};
 pub use output::OutputRecord;
 
 /// Inputs of a stage: named topics, or a pattern (`^...`, librdkafka reads it as a regex).
