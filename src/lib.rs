@@ -8,7 +8,7 @@ pub mod config; // global settings (Kafka, URLs, formats, telemetry) and the con
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
-pub mod kafka; // librdkafka client configuration, admin helpers, delivery
+pub mod kafka; // librdkafka client configuration, logging context, broker checks, bounded delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod settings; // one setting's resolution: flag > environment > config file > default, checked
@@ -16,4 +16,4 @@ pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
 pub mod stage; // the stage runtime: one consume → handle → acknowledge → commit → dead-letter loop
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group
 pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint
-pub mod topics; // topic definitions under topics/ and the plan that applies them
+pub mod topics; // topic definitions under topics/, the plan that applies them, admin operations
