@@ -9,6 +9,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::TopicPartitionList;
 
 use super::context::StageContext;
+use super::merge::Fetched;
 use super::output::{Deliveries, DeliveryContext, OutputProducer};
 use super::{InputTopics, OffsetPolicy, StageSpec};
 use crate::config::KafkaSettings;
@@ -87,16 +88,16 @@ pub(super) fn driver_merges(inputs: &InputTopics) -> bool {
     }
 }
 
-/// Whether an empty partition has nothing more to deliver: the next offset after the last
+/// What an empty partition may still deliver: caught up when the next offset after the last
 /// record received reaches the high watermark librdkafka last saw in a fetch (no network call).
-pub(super) fn caught_up(
+pub(super) fn fetched(
     consumer: &StreamConsumer<StageContext>,
     topic: &str,
     partition: i32,
     next_offset: Option<i64>,
-) -> bool {
+) -> Fetched {
     let Ok(topic) = std::ffi::CString::new(topic) else {
-        return true;
+        return Fetched::CaughtUp;
     };
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer lives as long as `consumer`; the topic is a valid C string;
@@ -111,12 +112,17 @@ pub(super) fn caught_up(
         )
     };
     if error != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
-        return false;
+        return Fetched::NotYet;
     }
-    match next_offset {
+    let caught_up = match next_offset {
         Some(next) => next >= high,
         // Nothing received since the assignment: caught up only if the partition is empty.
         None => high <= low,
+    };
+    if caught_up {
+        Fetched::CaughtUp
+    } else {
+        Fetched::Behind
     }
 }
 

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::ack::{lock, AckTracker, PartitionId};
 use super::client::{
-    blocking, caught_up, create_producer, driver_merges, same_partitions,
-    warn_unless_co_partitioned, DEAD_LETTER_HEADROOM, TRANSACTION_TIMEOUT,
+    blocking, create_producer, driver_merges, fetched, same_partitions, warn_unless_co_partitioned,
+    DEAD_LETTER_HEADROOM, TRANSACTION_TIMEOUT,
 };
 use super::commit::Committer;
 use super::context::{cap_below, Shared, StageContext};
@@ -41,11 +41,13 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Bounds on the wait between re-sends of failed dead letters.
 const DEAD_LETTER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const DEAD_LETTER_MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long an empty input partition that has more to deliver (or whose first fetch has not
-/// answered yet) may hold back the records of its co-partitioned topics (Kafka Streams'
-/// `max.task.idle.ms`). A caught-up partition holds nothing back, so this is paid only while a
-/// fetch is on its way (after an assignment, or a partition drained faster than it is fetched).
+/// How long an empty input partition that has more to deliver may hold back the records of its
+/// co-partitioned topics (Kafka Streams' `max.task.idle.ms`). A caught-up partition holds
+/// nothing back, so this is paid only while a fetch is on its way.
 const MERGE_MAX_IDLE: Duration = Duration::from_secs(1);
+/// The same for a partition no fetch has answered for since the assignment (a loaded broker
+/// can take seconds to answer the first one).
+const MERGE_FIRST_FETCH_IDLE: Duration = Duration::from_secs(5);
 /// Records buffered for the merge at most; past it the oldest head goes regardless.
 const MERGE_MAX_BUFFERED: usize = 10_000;
 /// Runs a stage until `shutdown` is cancelled or the stage cannot go on without losing data.
@@ -136,7 +138,7 @@ pub async fn run<S: Stage>(
         deliveries,
         topics: Vec::new(),
         held: None,
-        merger: Merger::new(MERGE_MAX_IDLE, MERGE_MAX_BUFFERED),
+        merger: Merger::new(MERGE_MAX_IDLE, MERGE_FIRST_FETCH_IDLE, MERGE_MAX_BUFFERED),
         assignment_generation: 0,
         paused: None,
         transaction: None,
@@ -242,7 +244,7 @@ impl Driver {
             let mut wake = None;
             if self.held.is_none() && self.merger.buffered() > 0 {
                 match self.merger.next(Instant::now(), |topic, partition, next| {
-                    caught_up(&self.consumer, topic, partition, next)
+                    fetched(&self.consumer, topic, partition, next)
                 }) {
                     Next::Record(message) => {
                         if let Some((dependency, reason)) =
@@ -316,13 +318,24 @@ impl Driver {
         })
     }
 
-    /// After a rebalance, the merge keeps only the assigned partitions' buffers.
+    /// After a rebalance, every assigned partition is fetched again from its committed offset:
+    /// what the loop kept (merge buffers, a held record) would come twice and out of order, so
+    /// it is dropped; the new assignment starts unpaused.
     fn sync_assignment(&mut self) {
         let generation = self.shared.assignment_generation.load(Ordering::Acquire);
         if generation == self.assignment_generation {
             return;
         }
         self.assignment_generation = generation;
+        if self.held.take().is_some() {
+            tracing::info!(
+                stage = self.spec.name,
+                "rebalanced while a record was held; it is read again from the committed offset"
+            );
+        }
+        if self.paused.take().is_some() {
+            metrics::gauge!(format!("eventpipe_{}_paused", self.spec.name)).set(0.0);
+        }
         let assignment = self.consumer.assignment().unwrap_or_default();
         let partitions: Vec<(Arc<str>, i32)> = assignment
             .elements()
@@ -619,19 +632,33 @@ impl Driver {
         Ok(())
     }
 
-    /// After an abort, moves still-owned partitions back to the batch's first offsets.
-    fn rewind(&self, first: &BTreeMap<PartitionId, i64>) {
+    /// After an abort, moves still-owned partitions back to the batch's first offsets. What the
+    /// loop kept of those partitions (merge buffers, a held record) is dropped: librdkafka
+    /// delivers it again from the rewound position, and keeping both would handle it twice.
+    fn rewind(&mut self, first: &BTreeMap<PartitionId, i64>) {
         let assignment = self.consumer.assignment().unwrap_or_default();
         let mut seek = TopicPartitionList::new();
+        let mut sought = Vec::new();
         for (id, offset) in first {
             if assignment.find_partition(&id.topic, id.partition).is_some() {
                 let _ = seek.add_partition_offset(&id.topic, id.partition, Offset::Offset(*offset));
+                sought.push((id.topic.clone(), id.partition));
             }
         }
         if seek.count() > 0 {
             if let Err(error) = self.consumer.seek_partitions(seek, Duration::from_secs(10)) {
                 tracing::error!(stage = self.spec.name, %error, "rewinding after an abort failed");
             }
+        }
+        self.merger.forget(&sought);
+        let held_sought = self.held.as_ref().is_some_and(|held| {
+            sought
+                .iter()
+                .any(|(t, p)| **t == *held.message.topic() && *p == held.message.partition())
+        });
+        if held_sought {
+            self.held = None;
+            self.resume();
         }
     }
 

@@ -5,8 +5,9 @@
 //! partition mapping, records of one partition number are handed to the stage in Kafka timestamp
 //! order across topics, and in offset order within one topic. Two records of the same millisecond
 //! on different topics are in no particular order. A partition with nothing buffered holds the
-//! others back only while it is known to have more to deliver (its position is below the high
-//! watermark librdkafka last saw), and at most `max_idle`; a caught-up partition holds nothing.
+//! others back only while it may have more to deliver: its position is below the high watermark
+//! librdkafka last saw (at most `max_idle`), or no fetch has answered for it yet since the
+//! assignment (at most `first_fetch_idle`); a caught-up partition holds nothing.
 //! Memory is bounded: past `max_buffered` records the oldest head is released regardless.
 //!
 //! Pure state (time and the caught-up test are passed in); the driver feeds it and drains it. A
@@ -18,6 +19,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// What an empty partition may still deliver, as far as librdkafka's last fetch tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// Nothing more: it holds nothing back.
+    CaughtUp,
+    /// More than what was received: wait for it, `max_idle` at most.
+    Behind,
+    /// No fetch has answered for it yet (just assigned): wait, `first_fetch_idle` at most.
+    NotYet,
+}
 
 /// What the merge needs to know of a buffered record.
 pub trait Positioned {
@@ -79,44 +91,52 @@ pub struct Merger<T> {
     buffers: BTreeMap<i32, BTreeMap<Arc<str>, Buffer<T>>>,
     buffered: usize,
     max_idle: Duration,
+    first_fetch_idle: Duration,
     max_buffered: usize,
     /// Partition numbers are served in turn, so a backlog on one does not starve the others.
     next_partition: i32,
 }
 
 impl<T: Positioned> Merger<T> {
-    pub fn new(max_idle: Duration, max_buffered: usize) -> Merger<T> {
+    pub fn new(max_idle: Duration, first_fetch_idle: Duration, max_buffered: usize) -> Merger<T> {
         Merger {
             buffers: BTreeMap::new(),
             buffered: 0,
             max_idle,
+            first_fetch_idle,
             max_buffered: max_buffered.max(1),
             next_partition: 0,
         }
     }
 
-    /// The topic-partitions now assigned: buffers of others are dropped (their records are
-    /// re-delivered to the next owner), new ones start empty.
+    /// The topic-partitions now assigned, after a rebalance: every buffer starts empty. A
+    /// (re)assigned partition is fetched again from its committed offset, so what was buffered
+    /// before would come twice, and out of order.
     pub fn assign(&mut self, assignment: &[(Arc<str>, i32)]) {
         let mut buffers: BTreeMap<i32, BTreeMap<Arc<str>, Buffer<T>>> = BTreeMap::new();
         for (topic, partition) in assignment {
-            let kept = self
-                .buffers
-                .get_mut(partition)
-                .and_then(|topics| topics.remove(topic))
-                .unwrap_or_default();
             buffers
                 .entry(*partition)
                 .or_default()
-                .insert(topic.clone(), kept);
+                .insert(topic.clone(), Buffer::default());
         }
         self.buffers = buffers;
-        self.buffered = self
-            .buffers
-            .values()
-            .flat_map(|t| t.values())
-            .map(|b| b.records.len())
-            .sum();
+        self.buffered = 0;
+    }
+
+    /// Drops what is buffered for these partitions (they were sought back: librdkafka delivers
+    /// those records again).
+    pub fn forget(&mut self, partitions: &[(Arc<str>, i32)]) {
+        for (topic, partition) in partitions {
+            if let Some(buffer) = self
+                .buffers
+                .get_mut(partition)
+                .and_then(|topics| topics.get_mut(topic))
+            {
+                self.buffered -= buffer.records.len();
+                *buffer = Buffer::default();
+            }
+        }
     }
 
     /// Buffers a received record (of an assigned partition; others are dropped).
@@ -142,12 +162,12 @@ impl<T: Positioned> Merger<T> {
         self.buffered
     }
 
-    /// The next record in merge order, or how long to wait for one. `caught_up(topic,
-    /// partition, next_offset)` says whether an empty partition has nothing more to deliver.
+    /// The next record in merge order, or how long to wait for one. `fetched(topic, partition,
+    /// next_offset)` says what an empty partition may still deliver.
     pub fn next(
         &mut self,
         now: Instant,
-        mut caught_up: impl FnMut(&str, i32, Option<i64>) -> bool,
+        mut fetched: impl FnMut(&str, i32, Option<i64>) -> Fetched,
     ) -> Next<T> {
         if self.buffered == 0 {
             return Next::Empty;
@@ -173,11 +193,16 @@ impl<T: Positioned> Merger<T> {
             let mut blocked_until: Option<Instant> = None;
             if !force {
                 for (topic, buffer) in topics.iter_mut() {
-                    if !buffer.records.is_empty() || caught_up(topic, number, buffer.next_offset) {
+                    if !buffer.records.is_empty() {
                         continue;
                     }
+                    let idle = match fetched(topic, number, buffer.next_offset) {
+                        Fetched::CaughtUp => continue,
+                        Fetched::Behind => self.max_idle,
+                        Fetched::NotYet => self.first_fetch_idle,
+                    };
                     let since = *buffer.empty_since.get_or_insert(now);
-                    let until = since + self.max_idle;
+                    let until = since + idle;
                     if now < until {
                         blocked_until = Some(blocked_until.map_or(until, |b| b.min(until)));
                     }
@@ -223,7 +248,7 @@ mod tests {
     }
 
     fn merger(topics: &[&'static str], partitions: i32) -> Merger<R> {
-        let mut m = Merger::new(Duration::from_millis(50), 1000);
+        let mut m = Merger::new(Duration::from_millis(50), Duration::from_millis(500), 1000);
         let assignment: Vec<(Arc<str>, i32)> = topics
             .iter()
             .flat_map(|t| (0..partitions).map(move |p| (Arc::<str>::from(*t), p)))
@@ -234,7 +259,7 @@ mod tests {
 
     fn drain(m: &mut Merger<R>, now: Instant) -> Vec<R> {
         let mut out = Vec::new();
-        while let Next::Record(r) = m.next(now, |_, _, _| true) {
+        while let Next::Record(r) = m.next(now, |_, _, _| Fetched::CaughtUp) {
             out.push(r);
         }
         out
@@ -261,7 +286,13 @@ mod tests {
         let mut m = merger(&["create", "update"], 1);
         m.push(R("update", 0, 0, 5));
         // `create` has not been fetched yet (not caught up): the update waits.
-        let not_caught_up = |topic: &str, _: i32, _: Option<i64>| topic != "create";
+        let not_caught_up = |topic: &str, _: i32, _: Option<i64>| {
+            if topic == "create" {
+                Fetched::Behind
+            } else {
+                Fetched::CaughtUp
+            }
+        };
         assert_eq!(
             m.next(now, not_caught_up),
             Next::WaitUntil(now + Duration::from_millis(50))
@@ -286,6 +317,29 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_not_fetched_yet_holds_the_others_back_longer() {
+        let now = Instant::now();
+        let mut m = merger(&["create", "update"], 1);
+        m.push(R("update", 0, 0, 5));
+        let not_fetched = |topic: &str, _: i32, _: Option<i64>| {
+            if topic == "create" {
+                Fetched::NotYet
+            } else {
+                Fetched::CaughtUp
+            }
+        };
+        assert_eq!(
+            m.next(now, not_fetched),
+            Next::WaitUntil(now + Duration::from_millis(500))
+        );
+        let past = now + Duration::from_millis(501);
+        assert_eq!(
+            m.next(past, not_fetched),
+            Next::Record(R("update", 0, 0, 5))
+        );
+    }
+
+    #[test]
     fn a_caught_up_partition_holds_nothing_and_partition_numbers_are_independent() {
         let now = Instant::now();
         let mut m = merger(&["create", "update"], 2);
@@ -295,34 +349,52 @@ mod tests {
         // and the partition numbers are served in turn.
         let out = drain(&mut m, now);
         assert_eq!(out.len(), 2);
-        assert_eq!(m.next(now, |_, _, _| true), Next::Empty);
+        assert_eq!(m.next(now, |_, _, _| Fetched::CaughtUp), Next::Empty);
     }
 
     #[test]
     fn the_buffer_bound_releases_the_oldest_head_regardless() {
         let now = Instant::now();
-        let mut m = Merger::new(Duration::from_secs(3600), 2);
+        let mut m = Merger::new(Duration::from_secs(3600), Duration::from_secs(3600), 2);
         m.assign(&[("a".into(), 0), ("b".into(), 0)]);
         m.push(R("a", 0, 0, 1));
         m.push(R("a", 0, 1, 2));
         assert!(m.is_full());
-        assert_eq!(m.next(now, |_, _, _| false), Next::Record(R("a", 0, 0, 1)));
-        assert!(matches!(m.next(now, |_, _, _| false), Next::WaitUntil(_)));
+        assert_eq!(
+            m.next(now, |_, _, _| Fetched::Behind),
+            Next::Record(R("a", 0, 0, 1))
+        );
+        assert!(matches!(
+            m.next(now, |_, _, _| Fetched::Behind),
+            Next::WaitUntil(_)
+        ));
     }
 
     #[test]
-    fn revoked_partitions_are_dropped_and_others_kept() {
+    fn forgotten_partitions_lose_their_buffers_and_others_keep_theirs() {
         let mut m = merger(&["a"], 2);
         m.push(R("a", 0, 0, 1));
         m.push(R("a", 1, 0, 1));
-        m.assign(&[("a".into(), 1)]);
+        m.forget(&[("a".into(), 0)]);
         assert_eq!(m.buffered(), 1);
+        assert_eq!(drain(&mut m, Instant::now()), vec![R("a", 1, 0, 1)]);
+    }
+
+    #[test]
+    fn a_rebalance_empties_every_buffer_and_unassigned_records_are_not_kept() {
+        let mut m = merger(&["a"], 2);
+        m.push(R("a", 0, 0, 1));
+        m.push(R("a", 1, 0, 1));
+        // Partition 1 stays: it is fetched again from its committed offset, so its buffer goes.
+        m.assign(&[("a".into(), 1)]);
+        assert_eq!(m.buffered(), 0);
         m.push(R("a", 0, 1, 2));
         assert_eq!(
             m.buffered(),
-            1,
+            0,
             "records of unassigned partitions are not kept"
         );
+        m.push(R("a", 1, 0, 1));
         assert_eq!(drain(&mut m, Instant::now()), vec![R("a", 1, 0, 1)]);
     }
 }
