@@ -496,6 +496,34 @@ async fn an_output_too_large_for_the_producer_is_dead_lettered_and_the_partition
     }
 }
 
+/// The settings of a `read_committed` reader: it sees only committed transactions.
+fn read_committed(settings: &eventpipe::config::Settings) -> eventpipe::config::Settings {
+    let mut reader = settings.clone();
+    reader
+        .kafka
+        .properties
+        .insert("isolation.level".into(), "read_committed".into());
+    reader
+}
+
+/// Waits until `count` outputs are readable on `topic` (a minute at most per record).
+async fn wait_for_committed_outputs(
+    reader: &eventpipe::config::Settings,
+    topic: &str,
+    count: usize,
+    stage: &StageProcess,
+) {
+    let consumer = common::consumer(reader, topic);
+    for _ in 0..count {
+        common::next_message(
+            &consumer,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|| panic!("no progress: {}", stage.log()));
+    }
+}
+
 /// Exactly once over the three input topics while a second instance joins: every partition is
 /// fetched again from its committed offset (and an open transaction aborts and rewinds), so
 /// records the first had already fetched into the merge must not be handled twice or out of
@@ -503,11 +531,7 @@ async fn an_output_too_large_for_the_producer_is_dead_lettered_and_the_partition
 #[tokio::test]
 async fn exactly_once_over_three_topics_across_a_rebalance_outputs_each_event_once_in_order() {
     let settings = common::settings();
-    let mut committed_reader = settings.clone();
-    committed_reader
-        .kafka
-        .properties
-        .insert("isolation.level".into(), "read_committed".into());
+    let committed_reader = read_committed(&settings);
     let f = Fixture::new(3).await;
     let mut seqs_so_far = HashMap::new();
     let start_ms = chrono::Utc::now().timestamp_millis() - 600_000;
@@ -528,26 +552,10 @@ async fn exactly_once_over_three_topics_across_a_rebalance_outputs_each_event_on
         ])
     };
     let first = instance("a");
-    let consumer = common::consumer(&committed_reader, &f.info);
-    for _ in 0..500 {
-        common::next_message(
-            &consumer,
-            tokio::time::Instant::now() + Duration::from_secs(60),
-        )
-        .await
-        .unwrap_or_else(|| panic!("no progress: {}", first.log()));
-    }
+    wait_for_committed_outputs(&committed_reader, &f.info, 500, &first).await;
     // Traffic keeps arriving while the second instance joins, each record acknowledged before
     // the next is sent (so the broker holds them in this order, as a service's would be).
-    let rest: Vec<common::TimedRecord> = rest
-        .iter()
-        .map(|r| common::TimedRecord {
-            topic: r.topic.clone(),
-            key: r.key.clone(),
-            value: r.value.clone(),
-            timestamp_ms: r.timestamp_ms,
-        })
-        .collect();
+    let rest = rest.to_vec();
     let sending = tokio::spawn({
         let settings = settings.clone();
         async move {
@@ -791,11 +799,7 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
 #[tokio::test]
 async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
     let settings = common::settings();
-    let mut committed_reader = settings.clone();
-    committed_reader
-        .kafka
-        .properties
-        .insert("isolation.level".into(), "read_committed".into());
+    let committed_reader = read_committed(&settings);
     let f = Fixture::new(3).await;
     let total = 20_000u64;
     let records: Vec<(String, Vec<u8>)> = (0..total)
@@ -814,15 +818,7 @@ async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
         ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
     ];
     let stage = f.start(&eos);
-    let consumer = common::consumer(&committed_reader, &f.info);
-    for _ in 0..2_000 {
-        common::next_message(
-            &consumer,
-            tokio::time::Instant::now() + Duration::from_secs(60),
-        )
-        .await
-        .unwrap_or_else(|| panic!("no progress: {}", stage.log()));
-    }
+    wait_for_committed_outputs(&committed_reader, &f.info, 2_000, &stage).await;
     stage.kill9();
 
     let stage = f.start(&eos);

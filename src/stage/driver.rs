@@ -124,7 +124,6 @@ pub async fn run<S: Stage>(
             topics: spec.dead_letters.clone(),
         },
         readiness: readiness.clone(),
-        shutdown: shutdown.clone(),
     };
     let mut stage = build(io);
     let in_flight_gauge = metrics::gauge!(format!("eventpipe_{}_in_flight_inputs", spec.name));

@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 
 use rdkafka::producer::Producer;
-use tokio_util::sync::CancellationToken;
 
 use super::ack::{lock, AckTracker, PartitionId};
 use super::output::{self, Delivery, OutputProducer};
@@ -18,7 +17,6 @@ pub struct StageIo {
     pub acks: Acks,
     pub dead_letters: DeadLetters,
     pub readiness: Readiness,
-    pub shutdown: CancellationToken,
 }
 
 /// Acknowledges records the stage handled as `Handled::Pending`.
@@ -31,11 +29,6 @@ impl Acks {
     /// The record at `offset` is durably handled; each `Pending` record is acknowledged once.
     pub fn ack(&self, partition: &PartitionId, offset: i64) {
         lock(&self.tracker).ack(partition, offset);
-    }
-
-    /// Records handed to the stage and not yet acknowledged.
-    pub fn in_flight(&self) -> usize {
-        lock(&self.tracker).in_flight()
     }
 }
 

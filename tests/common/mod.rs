@@ -632,6 +632,7 @@ pub async fn produce_to_partitions(
 }
 
 /// A record with its topic and an explicit Kafka timestamp.
+#[derive(Clone)]
 pub struct TimedRecord {
     pub topic: String,
     pub key: String,
