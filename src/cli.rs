@@ -18,6 +18,7 @@ use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::log::{FileLog, LogArgs, LogSettings};
 use crate::produce::{self, ProduceOptions};
 use crate::settings::ConfigError;
+use crate::store::{FileStore, StoreArgs, StoreSettings};
 use crate::topics::admin::{topic_rows, Admin};
 use crate::{shutdown, telemetry, topics};
 
@@ -56,6 +57,15 @@ pub enum Command {
     Aggregate {
         #[command(flatten)]
         args: AggregateArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Keep every record of the stored topics in PostgreSQL, once each, for history and replay.
+    Store {
+        #[command(flatten)]
+        args: StoreArgs,
         #[command(flatten)]
         postgres: PostgresArgs,
         #[command(flatten)]
@@ -198,6 +208,9 @@ impl Command {
             } => (Some(elasticsearch), None, Some(metrics)),
             Command::Aggregate {
                 postgres, metrics, ..
+            }
+            | Command::Store {
+                postgres, metrics, ..
             } => (None, Some(postgres), Some(metrics)),
             Command::Check {
                 elasticsearch,
@@ -244,6 +257,7 @@ fn check_stage_tables(settings: Settings) -> Result<Settings, ConfigError> {
     settings.file.table::<FileDispatch>()?;
     settings.file.table::<FileLog>()?;
     settings.file.table::<FileAggregate>()?;
+    settings.file.table::<FileStore>()?;
     Ok(settings)
 }
 
@@ -348,6 +362,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let aggregate = AggregateSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             crate::aggregate::run(&settings, aggregate, readiness, shutdown).await
+        }
+        Command::Store { args, .. } => {
+            let store = StoreSettings::load(&args, &settings)?;
+            let (readiness, shutdown) = start_stage(&settings).await?;
+            crate::store::run(&settings, store, readiness, shutdown).await
         }
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {

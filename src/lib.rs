@@ -1,4 +1,4 @@
-//! eventpipe: a Kafka-native stream processing pipeline (dispatch, log, aggregate).
+//! eventpipe: a Kafka-native stream processing pipeline (dispatch, log, aggregate, store).
 //! Module map, one line each — start reading at `cli` for the commands and `settings` for how settings resolve.
 
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
@@ -7,12 +7,14 @@ pub mod codec; // record formats per topic: json or Avro (Confluent framing) via
 pub mod config; // global settings (Kafka, URLs, formats, telemetry) and the config file
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
+pub mod filter; // the SERVICE:ACTION filter language (store, gateway, flows): parser and matcher
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, logging context, broker checks, bounded delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod settings; // one setting's resolution: flag > environment > config file > default, checked
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
+pub mod store; // `eventpipe store`: every event kept in PostgreSQL, history and replay
 pub mod stage; // the stage runtime: one consume → handle → acknowledge → commit → dead-letter loop
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group
 pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint

@@ -52,7 +52,10 @@ pub async fn connect_postgres(url: &str) -> Result<sqlx::PgPool, SinkError> {
         .connect(url)
         .await?;
     // sqlx serializes concurrent migrations with an advisory lock: instances may start together.
-    sqlx::migrate!().run(&pool).await?;
+    // The store keeps its migrations apart (migrations/store) under the same bookkeeping table.
+    let mut migrator = sqlx::migrate!("migrations/aggregate");
+    migrator.set_ignore_missing(true);
+    migrator.run(&pool).await?;
     Ok(pool)
 }
 

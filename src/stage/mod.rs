@@ -12,6 +12,7 @@
 //! `StageSpec`, and call `stage::run`.
 
 pub mod ack;
+pub mod batch;
 mod client;
 mod commit;
 mod context;

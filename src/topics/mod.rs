@@ -67,6 +67,9 @@ struct TopicEntry {
     description: String,
     /// The schemas/ file (stem) of this topic's record values, registered as `<name>-value`.
     value_schema: Option<String>,
+    /// `eventpipe store` keeps every record of this topic by default.
+    #[serde(default)]
+    stored: bool,
 }
 
 /// One topic as it should exist on the cluster.
@@ -80,6 +83,8 @@ pub struct TopicSpec {
     /// What this topic's values are (`eventpipe schemas register` uses it); none for dead
     /// letters, which keep whatever bytes failed.
     pub value_schema: Option<SchemaName>,
+    /// Kept by `eventpipe store` by default.
+    pub stored: bool,
 }
 
 /// What the cluster has now for one topic (`None` in the plan input means it does not exist).
@@ -211,6 +216,7 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
                 config: dlq_config,
                 description: format!("dead letters of {}", entry.name),
                 value_schema: None,
+                stored: false,
             }
         });
         specs.push(TopicSpec {
@@ -220,6 +226,7 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
             config,
             description: entry.description,
             value_schema,
+            stored: entry.stored,
         });
         specs.extend(dead_letter);
     }
@@ -230,6 +237,15 @@ pub fn parse(text: &str) -> Result<Vec<TopicSpec>, String> {
         }
     }
     Ok(specs)
+}
+
+/// The topics the definitions mark `stored = true`, in file order.
+pub fn stored_topics(path: &Path) -> Result<Vec<String>, TopicsFileError> {
+    Ok(load(path)?
+        .into_iter()
+        .filter(|spec| spec.stored)
+        .map(|spec| spec.name)
+        .collect())
 }
 
 /// Compares the definitions with the cluster and lists the changes, one or more per topic.
