@@ -62,8 +62,12 @@ pub enum Command {
         #[command(flatten)]
         metrics: MetricsArgs,
     },
-    /// Keep every record of the stored topics in PostgreSQL, once each, for history and replay.
+    /// Keep every record of the stored topics in PostgreSQL, once each, for history and replay
+    /// (`store verify`: compare the store with Kafka).
+    #[command(args_conflicts_with_subcommands = true)]
     Store {
+        #[command(subcommand)]
+        command: Option<StoreCommand>,
         #[command(flatten)]
         args: StoreArgs,
         #[command(flatten)]
@@ -134,6 +138,23 @@ pub enum Command {
     Schemas {
         #[command(subcommand)]
         command: SchemasCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Compare the store with what a read_committed consumer finds in Kafka, per partition;
+    /// prints missing, unexpected and duplicated records by range, exits 1 on any.
+    Verify {
+        /// Only these topics (repeatable or comma-separated); default: the stored topics.
+        #[arg(long, value_delimiter = ',')]
+        topic: Vec<String>,
+        /// The store's consumer group: records it has not consumed yet are pending, not missing
+        /// [env: EVENTPIPE_STORE_GROUP_ID] (default: eventpipe-store).
+        #[arg(long)]
+        group_id: Option<String>,
+        #[command(flatten)]
+        postgres: PostgresArgs,
     },
 }
 
@@ -210,8 +231,15 @@ impl Command {
                 postgres, metrics, ..
             }
             | Command::Store {
-                postgres, metrics, ..
+                command: None,
+                postgres,
+                metrics,
+                ..
             } => (None, Some(postgres), Some(metrics)),
+            Command::Store {
+                command: Some(StoreCommand::Verify { postgres, .. }),
+                ..
+            } => (None, Some(postgres), None),
             Command::Check {
                 elasticsearch,
                 postgres,
@@ -363,6 +391,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let (readiness, shutdown) = start_stage(&settings).await?;
             crate::aggregate::run(&settings, aggregate, readiness, shutdown).await
         }
+        Command::Store {
+            command: Some(StoreCommand::Verify {
+                topic, group_id, ..
+            }),
+            args,
+            ..
+        } => store_verify(&settings, &args, topic, group_id).await,
         Command::Store { args, .. } => {
             let store = StoreSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
@@ -458,6 +493,57 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
         },
     }
+}
+
+/// `eventpipe store verify`: one line per topic-partition, a summary, exit 1 on any gap.
+async fn store_verify(
+    settings: &Settings,
+    args: &StoreArgs,
+    topics: Vec<String>,
+    group_id: Option<String>,
+) -> anyhow::Result<()> {
+    let mut args = args.clone();
+    if group_id.is_some() {
+        args.group_id = group_id;
+    }
+    let store = StoreSettings::load(&args, settings)?;
+    let topics = match (topics.is_empty(), &store.inputs) {
+        (false, _) => topics,
+        (true, crate::stage::InputTopics::Names(names)) => names.clone(),
+        // A pattern: whatever topics the store holds.
+        (true, crate::stage::InputTopics::Pattern(_)) => Vec::new(),
+    };
+    let shown = redact_url(settings.postgres_url.as_str());
+    let pool = crate::store::schema::open_existing(settings.postgres_url.as_str())
+        .await
+        .with_context(|| format!("the event store at {shown}"))?;
+    let reports =
+        crate::store::verify::verify(&settings.kafka, &pool, &topics, &store.group_id).await?;
+    let (mut in_kafka, mut stored, mut missing, mut unexpected, mut duplicated) = (0, 0, 0, 0, 0);
+    for report in &reports {
+        println!("{report}");
+        in_kafka += report.in_kafka;
+        stored += report.stored;
+        missing += report.missing_count();
+        unexpected += report.unexpected_count();
+        duplicated += report.duplicated.len() as u64;
+    }
+    println!(
+        "verified {} partitions of {} topics: {in_kafka} records in Kafka, {stored} stored, \
+         {missing} missing, {unexpected} unexpected, {duplicated} duplicated",
+        reports.len(),
+        reports
+            .iter()
+            .map(|r| r.topic.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+    if missing + unexpected + duplicated > 0 {
+        anyhow::bail!(
+            "the store differs from Kafka: {missing} missing, {unexpected} unexpected, {duplicated} duplicated"
+        );
+    }
+    Ok(())
 }
 
 /// What every long-running stage starts with: signal handling and the telemetry endpoint.

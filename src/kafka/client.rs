@@ -150,6 +150,10 @@ impl ClientContext for PipelineContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // The end of a partition, asked for with `enable.partition.eof`: news, not an error.
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
         if let Ok(mut last) = self.state.last_error.lock() {
             *last = Some(reason.to_string());
         }

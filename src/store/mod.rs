@@ -6,6 +6,7 @@ pub mod pipeline;
 pub mod row;
 pub mod schema;
 pub mod settings;
+pub mod verify;
 pub mod writer;
 
 use std::time::Duration;

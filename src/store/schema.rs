@@ -20,6 +20,8 @@ pub enum SchemaError {
     Postgres(#[from] sqlx::Error),
     #[error("migrating the store's schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no event store here (no table `events`): run `eventpipe store` first")]
+    NoStore,
 }
 
 /// The store's migrations. Other stages keep theirs in `migrations/<stage>`, under the same
@@ -39,6 +41,23 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, SchemaEr
         .connect(url)
         .await?;
     migrator().run(&pool).await?;
+    Ok(pool)
+}
+
+/// A pool on a database the store has written to, for readers (verify, history): it applies
+/// no migration, and a database without the store's table is a one-line error.
+pub async fn open_existing(url: &str) -> Result<PgPool, SchemaError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('events') IS NOT NULL")
+        .fetch_one(&pool)
+        .await?;
+    if !exists {
+        return Err(SchemaError::NoStore);
+    }
     Ok(pool)
 }
 
@@ -92,7 +111,10 @@ pub async fn existing_partitions(pool: &PgPool) -> Result<BTreeSet<NaiveDate>, s
     )
     .fetch_all(pool)
     .await?;
-    Ok(names.iter().filter_map(|name| partition_day(name)).collect())
+    Ok(names
+        .iter()
+        .filter_map(|name| partition_day(name))
+        .collect())
 }
 
 /// Today and the days ahead, so the live edge never waits for DDL.
@@ -137,7 +159,10 @@ pub async fn drop_partitions(pool: &PgPool, days: &[NaiveDate]) -> Result<usize,
             .execute(&mut *transaction)
             .await?;
         transaction.commit().await?;
-        tracing::info!(partition = partition_name(*day), "retention: dropped partition");
+        tracing::info!(
+            partition = partition_name(*day),
+            "retention: dropped partition"
+        );
         dropped += 1;
     }
     Ok(dropped)
@@ -161,10 +186,11 @@ mod tests {
 
     #[test]
     fn partitions_expire_only_when_wholly_older_than_the_retention() {
-        let existing: BTreeSet<NaiveDate> = ["2026-10-30", "2026-10-31", "2026-11-01", "2026-12-01"]
-            .into_iter()
-            .map(day)
-            .collect();
+        let existing: BTreeSet<NaiveDate> =
+            ["2026-10-30", "2026-10-31", "2026-11-01", "2026-12-01"]
+                .into_iter()
+                .map(day)
+                .collect();
         let now = "2026-12-01T10:00:00Z".parse().unwrap();
         // 30 days back is 2026-11-01T10:00: the day of 10-31 ends at 11-01 00:00, before it.
         let gone = expired(&existing, now, Duration::from_secs(30 * 86_400));
@@ -176,6 +202,9 @@ mod tests {
     fn days_ahead_start_today() {
         let now = "2026-12-31T23:59:00Z".parse().unwrap();
         let days: Vec<_> = days_ahead(now).into_iter().collect();
-        assert_eq!(days, vec![day("2026-12-31"), day("2027-01-01"), day("2027-01-02")]);
+        assert_eq!(
+            days,
+            vec![day("2026-12-31"), day("2027-01-01"), day("2027-01-02")]
+        );
     }
 }

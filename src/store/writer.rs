@@ -90,9 +90,9 @@ impl Writer {
         self.ensure_partitions(rows).await?;
         let mut written = Written::default();
         // Ranges still to write, last first; a refused range is split in halves.
-        let mut pending: Vec<std::ops::Range<usize>> = vec![0..rows.len()];
-        while let Some(range) = pending.pop() {
-            let chunk = &rows[range.clone()];
+        let mut pending: Vec<(usize, usize)> = vec![(0, rows.len())];
+        while let Some((start, end)) = pending.pop() {
+            let chunk = &rows[start..end];
             match self.write_chunk(chunk).await {
                 Ok(done) => written += done,
                 Err(Failure::Data(reason)) if chunk.len() == 1 => {
@@ -123,9 +123,9 @@ impl Writer {
                     }
                 }
                 Err(Failure::Data(_)) => {
-                    let middle = range.start + chunk.len() / 2;
-                    pending.push(middle..range.end);
-                    pending.push(range.start..middle);
+                    let middle = start + chunk.len() / 2;
+                    pending.push((middle, end));
+                    pending.push((start, middle));
                 }
                 Err(failure) => return Err(self.retry_on(failure)),
             }
@@ -162,7 +162,10 @@ impl Writer {
     }
 
     /// Creates `days`' partitions (today and the days ahead, at start and on the hour).
-    pub async fn create_partitions(&mut self, days: BTreeSet<NaiveDate>) -> Result<(), sqlx::Error> {
+    pub async fn create_partitions(
+        &mut self,
+        days: BTreeSet<NaiveDate>,
+    ) -> Result<(), sqlx::Error> {
         let mut connection = self.pool.acquire().await?;
         ensure_partitions(&mut connection, &days).await?;
         self.partitions.extend(days);
@@ -180,9 +183,7 @@ impl Writer {
             }),
             Err(error) => match classify(error) {
                 Failure::Duplicate => {
-                    let inserted = copy_staged(&self.pool, &text)
-                        .await
-                        .map_err(classify)?;
+                    let inserted = copy_staged(&self.pool, &text).await.map_err(classify)?;
                     Ok(Written {
                         inserted,
                         duplicates: rows.len() as u64 - inserted,
