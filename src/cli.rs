@@ -519,25 +519,12 @@ async fn store_verify(
         .with_context(|| format!("the event store at {shown}"))?;
     let reports =
         crate::store::verify::verify(&settings.kafka, &pool, &topics, &store.group_id).await?;
-    let (mut in_kafka, mut stored, mut missing, mut unexpected, mut duplicated) = (0, 0, 0, 0, 0);
+    let total = crate::store::verify::Totals::of(&reports);
     for report in &reports {
         println!("{report}");
-        in_kafka += report.in_kafka;
-        stored += report.stored;
-        missing += report.missing_count();
-        unexpected += report.unexpected_count();
-        duplicated += report.duplicated.len() as u64;
     }
-    println!(
-        "verified {} partitions of {} topics: {in_kafka} records in Kafka, {stored} stored, \
-         {missing} missing, {unexpected} unexpected, {duplicated} duplicated",
-        reports.len(),
-        reports
-            .iter()
-            .map(|r| r.topic.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-    );
+    println!("{total}");
+    let (missing, unexpected, duplicated) = (total.missing, total.unexpected, total.duplicated);
     if missing + unexpected + duplicated > 0 {
         anyhow::bail!(
             "the store differs from Kafka: {missing} missing, {unexpected} unexpected, {duplicated} duplicated"

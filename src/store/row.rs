@@ -155,9 +155,11 @@ fn hex(bytes: &[u8]) -> String {
 impl StoredRow {
     /// The row of `record` whose value is `body` (the caller decoded Avro, or not).
     pub fn new(record: &Record<'_>, body: Body) -> StoredRow {
+        // A raw value may still be JSON (too big, or holding a NUL jsonb refuses): it names its
+        // sender, type and time all the same.
         let json = match &body {
             Body::Json(json) | Body::Avro { json, .. } => Some(json.as_slice()),
-            Body::Raw { .. } => None,
+            Body::Raw { bytes, .. } => Some(bytes.as_slice()),
         };
         let names = SenderAndType::of(record.header("service"), record.header("action"), json);
         StoredRow {
@@ -416,7 +418,11 @@ mod tests {
         }
         let row = StoredRow::from_json_topic(&record(&topic, ENVELOPE, &[]), 10);
         assert!(matches!(&row.body, Body::Raw { reason, .. } if reason.starts_with("oversized")));
-        // A raw record still has the sender and type its headers give.
+        // A raw record still has the sender and type its headers or its JSON give.
+        let nul = br#"{"service":"lk","action":"a","nul":"\u0000"}"#;
+        let row = StoredRow::from_json_topic(&record(&topic, nul, &[]), 1 << 20);
+        assert_eq!((row.service.as_str(), row.action.as_str()), ("lk", "a"));
+        assert!(matches!(row.body, Body::Raw { .. }));
         let headers: &[(&str, &[u8])] = &[("service", b"lk"), ("action", b"x")];
         let row = StoredRow::from_json_topic(&record(&topic, b"\xff", headers), 1 << 20);
         assert_eq!((row.service.as_str(), row.action.as_str()), ("lk", "x"));

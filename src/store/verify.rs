@@ -118,15 +118,7 @@ impl fmt::Display for PartitionReport {
             self.unexpected_count(),
             self.duplicated.len()
         )?;
-        for (label, n) in [
-            ("replayed (not stored by design)", self.replays),
-            ("not consumed yet", self.pending),
-            ("expired by retention", self.expired),
-        ] {
-            if n > 0 {
-                write!(f, ", {n} {label}")?;
-            }
-        }
+        write_notes(f, self.replays, self.pending, self.expired)?;
         if !self.missing.is_empty() {
             write!(
                 f,
@@ -152,6 +144,82 @@ impl fmt::Display for PartitionReport {
         }
         Ok(())
     }
+}
+
+/// The sums over every partition verified: the summary line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    pub partitions: usize,
+    pub topics: usize,
+    pub in_kafka: u64,
+    pub stored: u64,
+    pub missing: u64,
+    pub unexpected: u64,
+    pub duplicated: u64,
+    pub replays: u64,
+    pub pending: u64,
+    pub expired: u64,
+}
+
+impl Totals {
+    pub fn of(reports: &[PartitionReport]) -> Totals {
+        let topics: BTreeSet<&str> = reports.iter().map(|r| r.topic.as_str()).collect();
+        reports.iter().fold(
+            Totals {
+                partitions: reports.len(),
+                topics: topics.len(),
+                ..Totals::default()
+            },
+            |mut total, report| {
+                total.in_kafka += report.in_kafka;
+                total.stored += report.stored;
+                total.missing += report.missing_count();
+                total.unexpected += report.unexpected_count();
+                total.duplicated += report.duplicated.len() as u64;
+                total.replays += report.replays;
+                total.pending += report.pending;
+                total.expired += report.expired;
+                total
+            },
+        )
+    }
+}
+
+impl fmt::Display for Totals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "verified {} partitions of {} topics: {} records in Kafka, {} stored, {} missing, \
+             {} unexpected, {} duplicated",
+            self.partitions,
+            self.topics,
+            self.in_kafka,
+            self.stored,
+            self.missing,
+            self.unexpected,
+            self.duplicated
+        )?;
+        write_notes(f, self.replays, self.pending, self.expired)
+    }
+}
+
+/// The records that are rightly absent from the store, when there are any.
+fn write_notes(
+    f: &mut fmt::Formatter<'_>,
+    replays: u64,
+    pending: u64,
+    expired: u64,
+) -> fmt::Result {
+    for (label, n) in [
+        ("replayed (not stored by design)", replays),
+        ("not consumed yet", pending),
+        ("expired by retention", expired),
+    ] {
+        if n > 0 {
+            write!(f, ", {n} {label}")?;
+        }
+    }
+    Ok(())
 }
 
 /// Sorted offsets as inclusive ranges of consecutive values.
