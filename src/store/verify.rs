@@ -465,7 +465,7 @@ mod tests {
         assert_eq!(report.stored, 5);
         assert!(!report.is_exact());
         let text = report.to_string();
-        assert!(text.contains("2 missing"), "{text}");
+        assert!(text.contains("3 missing"), "{text}");
         assert!(text.contains("missing offsets: 2..=3"), "{text}");
         let exact = compare("t", 0, &kafka, &kafka.expected);
         assert!(exact.is_exact(), "{exact}");
