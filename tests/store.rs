@@ -649,3 +649,93 @@ async fn bad_settings_are_one_line_errors_naming_the_setting() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("run `eventpipe store` first"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_records_are_stored_decoded_with_their_frames_and_bad_frames_raw() {
+    use eventpipe::codec::SchemaName;
+    let settings = common::settings();
+    let topics = fresh_topics(&settings, "store-avro", 1).await;
+    let topic = &topics[0];
+    let schema_id = common::register(topic, SchemaName::Envelope).await;
+    let codec = common::avro_codec(SchemaName::Envelope);
+    let mut records = Vec::new();
+    for i in 0..200 {
+        let json = serde_json::to_vec(&envelope(i, SERVICES[i % 3], ACTIONS[i % 3])).unwrap();
+        records.push(Produced {
+            topic: topic.clone(),
+            key: Some(i.to_string().into_bytes()),
+            value: codec.encode(topic, json).await.unwrap(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        });
+    }
+    let mut bad_frame = records[0].value.clone();
+    bad_frame[0] = 7;
+    let mut truncated = records[1].value.clone();
+    truncated.truncate(truncated.len() / 2);
+    for value in [bad_frame.clone(), truncated.clone()] {
+        records.push(Produced {
+            value,
+            ..records[0].clone()
+        });
+    }
+    produce(&settings, &records).await;
+    let (pool, url) = fresh_store(&settings).await;
+    let group = common::unique("store-avro-group");
+    let format = format!("{topic}=avro");
+    let stage = start_store(&topics, &url, &group, &["--topic-format", &format]);
+    wait_for_rows(&pool, records.len() as i64, &[&stage]).await;
+
+    let kafka = kafka_records(&settings, &topics);
+    let stored = stored_rows(&pool).await;
+    let schema_ids: BTreeMap<(String, i32, i64), Option<i32>> =
+        sqlx::query("SELECT topic, kafka_partition, kafka_offset, schema_id FROM events")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    (
+                        r.get("topic"),
+                        r.get("kafka_partition"),
+                        r.get("kafka_offset"),
+                    ),
+                    r.get("schema_id"),
+                )
+            })
+            .collect();
+    let (mut decoded, mut raw) = (0, 0);
+    for (coordinates, message) in &kafka {
+        let row = &stored[coordinates][0];
+        let payload = message.payload().unwrap_or_default();
+        assert_eq!(
+            row.raw.as_deref(),
+            Some(payload),
+            "the frame is kept byte for byte"
+        );
+        if payload == bad_frame.as_slice() || payload == truncated.as_slice() {
+            raw += 1;
+            assert_eq!(row.format, "raw");
+            let reason = row.reason.as_deref().unwrap_or_default();
+            assert!(reason.starts_with("avro_"), "{reason}");
+        } else {
+            decoded += 1;
+            assert_eq!(row.format, "avro");
+            assert_eq!(schema_ids[coordinates], Some(schema_id as i32));
+            // The test's own decoding, through the registry, is what the store holds.
+            assert_eq!(row.value, Some(common::avro_json(&codec, message).await));
+            let (service, action) = (
+                row.value.as_ref().unwrap()["service"].as_str().unwrap(),
+                row.value.as_ref().unwrap()["action"].as_str().unwrap(),
+            );
+            assert_eq!(
+                (row.service.as_str(), row.action.as_str()),
+                (service, action)
+            );
+        }
+    }
+    assert_eq!((decoded, raw), (200, 2));
+    let (status, log) = stage.terminate();
+    assert!(status.success(), "{log}");
+}
