@@ -4,12 +4,10 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +18,7 @@ use super::settings::LogSettings;
 use crate::codec::{available, Codec, RecordError};
 use crate::config::KafkaSettings;
 use crate::envelope::DecodeError;
+use crate::stage::batch::{BatchLimits, Batcher};
 use crate::stage::{
     DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy, PartitionHooks, PartitionId,
     Record, RecordHeaders, Stage, StageError, StageIo, StageSpec,
@@ -85,26 +84,6 @@ impl Original {
 struct Work {
     original: Original,
     lines: Vec<u8>,
-}
-
-/// Records bound for one bulk request; full by count or bytes, due by age.
-#[derive(Default)]
-struct Batch {
-    items: Vec<Work>,
-    bytes: usize,
-    opened: Option<Instant>,
-}
-
-impl Batch {
-    fn push(&mut self, work: Work) {
-        self.bytes += work.lines.len();
-        self.opened.get_or_insert_with(Instant::now);
-        self.items.push(work);
-    }
-
-    fn is_full(&self, settings: &LogSettings) -> bool {
-        self.items.len() >= settings.batch_size || self.bytes >= settings.batch_max_bytes
-    }
 }
 
 /// What a log stage run did, for the caller's summary line.
@@ -199,23 +178,12 @@ pub async fn run(
     .map(|stage| stage.summary)
 }
 
-/// The log stage's state between records: the filling batch, a closed one waiting for room,
-/// and the indexer task.
+/// The log stage's state between records: the batches (filling, waiting, being indexed) and
+/// the codec. Memory stays bounded by batch_max_bytes × (bulk_concurrency + 3).
 pub struct LogStage {
     settings: LogSettings,
     codec: Codec,
-    batch: Batch,
-    /// A closed batch the indexer has no room for yet.
-    waiting: Option<Batch>,
-    /// One batch of room: with `bulk_concurrency` being indexed, one waiting here and one
-    /// filling, memory stays bounded by batch_max_bytes × (bulk_concurrency + 3).
-    batches: Option<mpsc::Sender<Batch>>,
-    indexer: Option<JoinHandle<()>>,
-    handed: Arc<AtomicUsize>,
-    /// Cancelled at the drain deadline: the indexer stops retrying.
-    give_up: CancellationToken,
-    /// Set when the indexer stopped for good.
-    fatal: Arc<Mutex<Option<String>>>,
+    batcher: Batcher<Work>,
     consumed: metrics::Counter,
     summary: Arc<LogSummary>,
 }
@@ -228,110 +196,62 @@ impl LogStage {
         io: StageIo,
         handed: Arc<AtomicUsize>,
     ) -> LogStage {
-        let (batches, receiver) = mpsc::channel::<Batch>(1);
         let summary = Arc::new(LogSummary::default());
-        let give_up = CancellationToken::new();
-        let fatal: Arc<Mutex<Option<String>>> = Arc::default();
-        let indexer = Indexer {
+        let indexer = Arc::new(Indexer {
             elasticsearch,
             io,
-            handed: handed.clone(),
             retry_initial: settings.retry_initial_backoff,
             retry_max: settings.retry_max_backoff,
-            give_up: give_up.clone(),
             metrics: IndexerMetrics::default(),
             summary: summary.clone(),
+        });
+        let limits = BatchLimits {
+            max_items: settings.batch_size,
+            max_bytes: settings.batch_max_bytes,
+            max_age: settings.flush_interval,
         };
-        let concurrency = settings.bulk_concurrency;
-        let indexer = {
-            let fatal = fatal.clone();
-            tokio::spawn(async move {
-                if let Err(error) = indexer.run(receiver, concurrency).await {
-                    tracing::error!(%error, "indexer stopped");
-                    *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-                }
-            })
-        };
+        // Up to `bulk_concurrency` bulk requests at once: Elasticsearch indexes one batch while
+        // the next travels. Acknowledgements may then come out of order; the tracker only
+        // commits the contiguous acknowledged prefix.
+        let batcher = Batcher::start(
+            limits,
+            "elasticsearch",
+            settings.bulk_concurrency,
+            handed,
+            move |items: Vec<Work>, give_up: CancellationToken| {
+                let indexer = indexer.clone();
+                async move { indexer.index_batch(items, give_up).await }
+            },
+        );
         LogStage {
             // One input topic: the counter handle is resolved once, not per record.
             consumed: metrics::counter!("eventpipe_log_consumed_total", "topic" => settings.input_topic.clone()),
             settings,
             codec,
-            batch: Batch::default(),
-            waiting: None,
-            batches: Some(batches),
-            indexer: Some(indexer),
-            handed,
-            give_up,
-            fatal,
+            batcher,
             summary,
-        }
-    }
-
-    fn check_indexer(&self) -> Result<(), StageError> {
-        match &*self.fatal.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(reason) => Err(StageError::Fatal(reason.clone())),
-            None => Ok(()),
-        }
-    }
-
-    /// Hands the waiting batch to the indexer if it has room; true when nothing is left waiting.
-    fn hand_over(&mut self) -> Result<bool, StageError> {
-        let Some(waiting) = self.waiting.take() else {
-            return Ok(true);
-        };
-        let Some(batches) = &self.batches else {
-            return Err(StageError::Fatal("indexer stopped".into()));
-        };
-        let count = waiting.items.len();
-        // Counted before the handover: the indexer may finish it before `try_send` returns.
-        self.handed.fetch_add(count, Ordering::Relaxed);
-        match batches.try_send(waiting) {
-            Ok(()) => {
-                if self.batch.is_full(&self.settings) {
-                    self.waiting = Some(std::mem::take(&mut self.batch));
-                }
-                Ok(self.waiting.is_none())
-            }
-            Err(mpsc::error::TrySendError::Full(waiting)) => {
-                self.handed.fetch_sub(count, Ordering::Relaxed);
-                self.waiting = Some(waiting);
-                Ok(false)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.handed.fetch_sub(count, Ordering::Relaxed);
-                self.check_indexer()?;
-                Err(StageError::Fatal("indexer stopped".into()))
-            }
         }
     }
 }
 
 impl Stage for LogStage {
     async fn handle(&mut self, record: &Record<'_>) -> Result<Handled, StageError> {
-        self.check_indexer()?;
-        self.hand_over()?;
         // Both buffers full: the runtime keeps this record and retries it, pausing the
         // partitions if that lasts (Elasticsearch slow or down).
-        if self.waiting.is_some() && self.batch.is_full(&self.settings) {
-            return Err(StageError::Unavailable {
-                dependency: "elasticsearch",
-                reason: "the indexer is behind".into(),
-            });
-        }
+        self.batcher.check_room()?;
         let decoded = available("log", self.codec.decode(record.topic, record.payload).await)?;
         self.consumed.increment(1);
         LogSummary::add(&self.summary.consumed);
         match prepare(record, &decoded, &self.settings) {
             Ok(lines) => {
-                self.batch.push(Work {
-                    original: Original::of(record),
-                    lines,
-                });
-                if self.batch.is_full(&self.settings) && self.waiting.is_none() {
-                    self.waiting = Some(std::mem::take(&mut self.batch));
-                    self.hand_over()?;
-                }
+                let bytes = lines.len();
+                self.batcher.push(
+                    Work {
+                        original: Original::of(record),
+                        lines,
+                    },
+                    bytes,
+                )?;
                 Ok(Handled::Pending)
             }
             Err((kind, reason)) => {
@@ -342,52 +262,12 @@ impl Stage for LogStage {
     }
 
     async fn tick(&mut self) -> Result<(), StageError> {
-        self.check_indexer()?;
-        let due = self
-            .batch
-            .opened
-            .is_some_and(|opened| opened.elapsed() >= self.settings.flush_interval);
-        if due && self.waiting.is_none() {
-            self.waiting = Some(std::mem::take(&mut self.batch));
-        }
-        self.hand_over()?;
-        Ok(())
+        self.batcher.tick()
     }
 
     /// Hands over what is buffered, lets the indexer finish within the deadline, then stops it.
     async fn finish(&mut self, deadline: Instant) -> Result<(), StageError> {
-        self.check_indexer()?;
-        if let Some(batches) = self.batches.take() {
-            for pending in [self.waiting.take(), Some(std::mem::take(&mut self.batch))]
-                .into_iter()
-                .flatten()
-            {
-                if pending.items.is_empty() {
-                    continue;
-                }
-                let count = pending.items.len();
-                self.handed.fetch_add(count, Ordering::Relaxed);
-                if tokio::time::timeout_at(deadline, batches.send(pending))
-                    .await
-                    .is_err()
-                {
-                    self.handed.fetch_sub(count, Ordering::Relaxed);
-                    break;
-                }
-            }
-        }
-        let stopper = {
-            let give_up = self.give_up.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                give_up.cancel();
-            })
-        };
-        if let Some(indexer) = self.indexer.take() {
-            let _ = indexer.await;
-        }
-        stopper.abort();
-        self.check_indexer()
+        self.batcher.finish(deadline).await
     }
 }
 
@@ -427,15 +307,12 @@ fn prepare(
     }
 }
 
-/// Indexes batches one at a time, retrying until each record is acknowledged or dead-lettered.
+/// Indexes batches, retrying until each record is acknowledged or dead-lettered.
 struct Indexer {
     elasticsearch: Elasticsearch,
     io: StageIo,
-    handed: Arc<AtomicUsize>,
     retry_initial: Duration,
     retry_max: Duration,
-    /// Cancelled at the drain deadline: stop retrying and leave the rest unacknowledged.
-    give_up: CancellationToken,
     metrics: IndexerMetrics,
     summary: Arc<LogSummary>,
 }
@@ -462,25 +339,6 @@ impl Default for IndexerMetrics {
 }
 
 impl Indexer {
-    /// Up to `concurrency` bulk requests at once: Elasticsearch indexes one batch while the
-    /// next travels. Acknowledgements may then come out of order; the tracker only commits
-    /// the contiguous acknowledged prefix.
-    async fn run(
-        self,
-        batches: mpsc::Receiver<Batch>,
-        concurrency: usize,
-    ) -> Result<(), StageError> {
-        use futures::stream::{StreamExt, TryStreamExt};
-        let batches = futures::stream::unfold(batches, |mut batches| async move {
-            batches.recv().await.map(|batch| (batch, batches))
-        });
-        batches
-            .map(|batch| self.index(batch))
-            .buffer_unordered(concurrency.max(1))
-            .try_for_each(|()| async { Ok(()) })
-            .await
-    }
-
     fn ack(&self, original: &Original) {
         self.io.acks.ack(&original.partition, original.offset);
         if let Some(produced_ms) = original.timestamp_ms {
@@ -491,29 +349,29 @@ impl Indexer {
         }
     }
 
-    /// Sleeps `delay`, or less if the stage gives up meanwhile.
-    async fn pause(&self, delay: Duration) {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = self.give_up.cancelled() => {}
-        }
-    }
-
-    async fn index(&self, batch: Batch) -> Result<(), StageError> {
-        let handed = batch.items.len();
-        let result = self.index_batch(batch).await;
-        self.handed.fetch_sub(handed, Ordering::Relaxed);
-        result
-    }
-
-    async fn index_batch(&self, batch: Batch) -> Result<(), StageError> {
-        let mut to_index: Vec<(Original, Vec<u8>)> = batch
-            .items
+    /// Indexes one batch, retrying until each record is acknowledged or dead-lettered, or the
+    /// stage gives up (cancelled at the drain deadline: the rest stays unacknowledged).
+    async fn index_batch(
+        &self,
+        items: Vec<Work>,
+        give_up: CancellationToken,
+    ) -> Result<(), StageError> {
+        // Sleeps `delay`, or less if the stage gives up meanwhile.
+        let pause = |delay: Duration| {
+            let give_up = give_up.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = give_up.cancelled() => {}
+                }
+            }
+        };
+        let mut to_index: Vec<(Original, Vec<u8>)> = items
             .into_iter()
             .map(|work| (work.original, work.lines))
             .collect();
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
-        while !to_index.is_empty() && !self.give_up.is_cancelled() {
+        while !to_index.is_empty() && !give_up.is_cancelled() {
             let body: Vec<u8> = to_index
                 .iter()
                 .flat_map(|(_, lines)| lines.iter().copied())
@@ -521,7 +379,7 @@ impl Indexer {
             let started = std::time::Instant::now();
             let result = tokio::select! {
                 result = self.elasticsearch.bulk(body, to_index.len()) => result,
-                _ = self.give_up.cancelled() => break,
+                _ = give_up.cancelled() => break,
             };
             self.metrics
                 .bulk_seconds
@@ -583,7 +441,7 @@ impl Indexer {
                             "Elasticsearch asked to retry some items"
                         );
                         self.metrics.retries.increment(retry.len() as u64);
-                        self.pause(delay).await;
+                        pause(delay).await;
                     }
                     to_index = retry;
                 }
@@ -598,7 +456,7 @@ impl Indexer {
                         "bulk request failed; retrying (consumption pauses meanwhile)"
                     );
                     self.metrics.retries.increment(to_index.len() as u64);
-                    self.pause(delay).await;
+                    pause(delay).await;
                 }
                 Err(BulkError::Fatal(reason)) => return Err(StageError::Fatal(reason)),
             }

@@ -1,9 +1,9 @@
 //! Batching for stages that write to a sink of their own and acknowledge later
 //! (`Handled::Pending`): one filling batch, one closed batch waiting for room, and a writer task.
 //!
-//! Memory is bounded by (writer concurrency + 2) batches; when both buffers are full the stage
-//! answers `Unavailable` and the runtime holds the record and pauses the assignment (polling
-//! goes on), so a slow or absent sink is backpressure, never growth.
+//! Memory is bounded by (writer concurrency + 3) batches (filling, waiting, one queued, those
+//! being written); when both buffers are full the stage answers `Unavailable`, and the runtime
+//! holds the record and pauses the assignment (polling goes on): backpressure, never growth.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
