@@ -5,19 +5,10 @@ mod common;
 #[path = "common/elasticsearch.rs"]
 mod es;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use es::TestRecord;
 use serde_json::json;
-
-fn stack(action: &str) {
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
-        .args([action, "elasticsearch"])
-        .status()
-        .expect("scripts/stack runs");
-    assert!(status.success(), "scripts/stack {action} elasticsearch");
-}
 
 fn envelope(i: usize) -> TestRecord {
     let value = json!({"service": "lk", "action": "create_user",
@@ -82,8 +73,7 @@ async fn elasticsearch_down_for_30_seconds_loses_and_duplicates_nothing() {
     .await;
     assert_eq!(first, per_wave as u64, "{}", stage.log());
 
-    stack("down");
-    let down_at = Instant::now();
+    let outage = common::Outage::begin("elasticsearch");
     for _ in 0..4 {
         wave(settings.clone(), topic.clone()).await;
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -101,11 +91,7 @@ async fn elasticsearch_down_for_30_seconds_loses_and_duplicates_nothing() {
         Some(503),
         "not ready without Elasticsearch"
     );
-    let elapsed = down_at.elapsed();
-    if elapsed < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_secs(30) - elapsed).await;
-    }
-    stack("up");
+    outage.end_after(Duration::from_secs(30)).await;
     wave(settings.clone(), topic.clone()).await;
 
     let n = total as u64;

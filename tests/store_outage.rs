@@ -4,18 +4,9 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::StageProcess;
-
-fn stack(action: &str) {
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
-        .args([action, "postgres"])
-        .status()
-        .expect("scripts/stack runs");
-    assert!(status.success(), "scripts/stack {action} postgres");
-}
 
 fn envelope(i: usize) -> (String, Vec<u8>) {
     let value = serde_json::json!({"service": "lk", "action": "create_user",
@@ -80,8 +71,7 @@ async fn postgres_down_for_30_seconds_loses_and_duplicates_nothing() {
     )
     .await;
 
-    stack("down");
-    let down_at = Instant::now();
+    let outage = common::Outage::begin("postgres");
     for _ in 0..4 {
         common::produce_all(&settings, &topic, &wave()).await;
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -103,11 +93,7 @@ async fn postgres_down_for_30_seconds_loses_and_duplicates_nothing() {
         Some(503),
         "not ready without PostgreSQL"
     );
-    let elapsed = down_at.elapsed();
-    if elapsed < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_secs(30) - elapsed).await;
-    }
-    stack("up");
+    outage.end_after(Duration::from_secs(30)).await;
     common::produce_all(&settings, &topic, &wave()).await;
 
     common::wait_until(

@@ -761,3 +761,50 @@ pub async fn avro_json(
         .unwrap_or_else(|e| panic!("{} offset {}: {e}", message.topic(), message.offset()));
     serde_json::from_slice(&json).unwrap()
 }
+
+/// Runs `scripts/stack ACTION SERVICE` on the shared stack.
+fn stack_service(action: &str, service: &str) {
+    let status = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
+        .args([action, service])
+        .status()
+        .expect("scripts/stack runs");
+    assert!(status.success(), "scripts/stack {action} {service}");
+}
+
+/// A service of the shared stack stopped for an outage test. It is started again by
+/// `end_after`, or when the guard is dropped: a failing test does not leave it down for the rest.
+pub struct Outage {
+    service: &'static str,
+    began: Instant,
+    ended: bool,
+}
+
+impl Outage {
+    pub fn begin(service: &'static str) -> Outage {
+        stack_service("down", service);
+        Outage {
+            service,
+            began: Instant::now(),
+            ended: false,
+        }
+    }
+
+    /// Starts the service again once it has been down for `minimum` (the outage's length is
+    /// the experiment, not a synchronisation).
+    pub async fn end_after(mut self, minimum: Duration) {
+        let elapsed = self.began.elapsed();
+        if elapsed < minimum {
+            tokio::time::sleep(minimum - elapsed).await;
+        }
+        stack_service("up", self.service);
+        self.ended = true;
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if !self.ended {
+            stack_service("up", self.service);
+        }
+    }
+}
