@@ -62,7 +62,7 @@ pub struct StoredRow {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
-    /// Kafka timestamp in ms (0 when the record has none).
+    /// Kafka timestamp in ms (0 when the record has none, or one outside years 1..=9999).
     pub kafka_time_ms: i64,
     pub event_time: Option<DateTime<Utc>>,
     pub service: String,
@@ -166,7 +166,13 @@ impl StoredRow {
             topic: record.topic.clone(),
             partition: record.partition,
             offset: record.offset,
-            kafka_time_ms: record.timestamp_ms.unwrap_or(0),
+            // A timestamp PostgreSQL could not take (a producer's bogus CreateTime) is stored as
+            // none, the same way every time, so a re-delivery still meets its row.
+            kafka_time_ms: record
+                .timestamp_ms
+                .and_then(DateTime::from_timestamp_millis)
+                .and_then(plausible)
+                .map_or(0, |time| time.timestamp_millis()),
             event_time: json.and_then(event_time),
             service: names.service.into_owned(),
             action: names.action.into_owned(),
@@ -416,6 +422,9 @@ mod tests {
             }
             assert_eq!((row.service.as_str(), row.action.as_str()), ("", ""));
         }
+        let mut far = record(&topic, ENVELOPE, &[]);
+        far.timestamp_ms = Some(i64::MAX / 4);
+        assert_eq!(StoredRow::from_json_topic(&far, 1 << 20).kafka_time_ms, 0);
         let row = StoredRow::from_json_topic(&record(&topic, ENVELOPE, &[]), 10);
         assert!(matches!(&row.body, Body::Raw { reason, .. } if reason.starts_with("oversized")));
         // A raw record still has the sender and type its headers or its JSON give.

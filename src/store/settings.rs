@@ -23,6 +23,7 @@ pub struct StoreArgs {
     /// Topic definitions whose `stored = true` topics are stored by default.
     #[arg(long, env = "EVENTPIPE_TOPICS_FILE")]
     pub topics_file: Option<PathBuf>,
+    /// Consumer group of the store's instances (default: eventpipe-store).
     #[arg(long, env = "EVENTPIPE_STORE_GROUP_ID")]
     pub group_id: Option<String>,
     /// Rows per database transaction (default: 5000).
