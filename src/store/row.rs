@@ -134,11 +134,12 @@ pub fn headers_json(record: &Record<'_>) -> Option<String> {
         .headers
         .iter()
         .map(|(name, value)| {
+            // jsonb cannot hold NUL: a value with one is kept as hex, a name has it replaced.
             let value = match std::str::from_utf8(value) {
-                Ok(text) => serde_json::Value::String(text.to_string()),
-                Err(_) => serde_json::json!({ "hex": hex(value) }),
+                Ok(text) if !text.contains('\0') => serde_json::Value::String(text.to_string()),
+                _ => serde_json::json!({ "hex": hex(value) }),
             };
-            serde_json::json!([name, value])
+            serde_json::json!([name.replace('\0', "\u{fffd}"), value])
         })
         .collect();
     Some(serde_json::Value::Array(pairs).to_string())
@@ -391,6 +392,7 @@ mod tests {
             ("service", b"arm"),
             ("action", b"update_user"),
             ("bin", b"\xff\x00"),
+            ("nul", b"a\x00b"),
         ];
         let row = StoredRow::from_json_topic(&record(&topic, ENVELOPE, headers), 1 << 20);
         assert_eq!(
@@ -399,7 +401,9 @@ mod tests {
         );
         assert_eq!(
             row.headers.as_deref(),
-            Some(r#"[["service","arm"],["action","update_user"],["bin",{"hex":"ff00"}]]"#)
+            Some(
+                r#"[["service","arm"],["action","update_user"],["bin",{"hex":"ff00"}],["nul",{"hex":"610062"}]]"#
+            )
         );
     }
 

@@ -12,7 +12,7 @@ use chrono::NaiveDate;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 
-use super::row::{copy_rows, StoredRow, COPY_COLUMNS};
+use super::row::{copy_rows, Body, StoredRow, COPY_COLUMNS};
 use super::schema::{day_of, ensure_partitions};
 
 /// Advisory lock taken by every transaction that draws from `events_seq`.
@@ -96,31 +96,13 @@ impl Writer {
             match self.write_chunk(chunk).await {
                 Ok(done) => written += done,
                 Err(Failure::Data(reason)) if chunk.len() == 1 => {
-                    let row = chunk[0].clone();
-                    let was_raw = matches!(row.body, super::row::Body::Raw { .. });
+                    let row = &chunk[0];
                     tracing::warn!(
                         topic = %row.topic, partition = row.partition, offset = row.offset,
                         %reason, "PostgreSQL refused a row; storing it raw"
                     );
-                    let mut raw = row.into_raw(format!("refused by PostgreSQL: {reason}"));
-                    if was_raw {
-                        // Refused even raw: the sender or type is what breaks a limit.
-                        raw.service.clear();
-                        raw.action.clear();
-                    }
-                    match self.write_chunk(std::slice::from_ref(&raw)).await {
-                        Ok(done) => {
-                            written += done;
-                            written.made_raw += 1;
-                        }
-                        Err(Failure::Data(reason)) => {
-                            return Err(sqlx::Error::Protocol(format!(
-                                "PostgreSQL refuses even the raw form of {}/{}/{}: {reason}",
-                                raw.topic, raw.partition, raw.offset
-                            )))
-                        }
-                        Err(failure) => return Err(self.retry_on(failure)),
-                    }
+                    written += self.write_refused(row, reason).await?;
+                    written.made_raw += 1;
                 }
                 Err(Failure::Data(_)) => {
                     let middle = start + chunk.len() / 2;
@@ -131,6 +113,40 @@ impl Writer {
             }
         }
         Ok(written)
+    }
+
+    /// The one row PostgreSQL refused, stored in ever plainer forms: raw with its reason, then
+    /// also without the sender and type (one too long for its index) and headers (kept in the
+    /// reason as text). Only a form that fails for another reason than its data is retried.
+    async fn write_refused(
+        &mut self,
+        row: &StoredRow,
+        reason: String,
+    ) -> Result<Written, sqlx::Error> {
+        let raw = row
+            .clone()
+            .into_raw(format!("refused by PostgreSQL: {reason}"));
+        let mut plainest = raw.clone();
+        plainest.service.clear();
+        plainest.action.clear();
+        if let Some(headers) = plainest.headers.take() {
+            if let Body::Raw { reason, .. } = &mut plainest.body {
+                reason.push_str("; headers: ");
+                reason.push_str(&headers);
+            }
+        }
+        let mut last_reason = reason;
+        for form in [raw, plainest] {
+            match self.write_chunk(std::slice::from_ref(&form)).await {
+                Ok(done) => return Ok(done),
+                Err(Failure::Data(reason)) => last_reason = reason,
+                Err(failure) => return Err(self.retry_on(failure)),
+            }
+        }
+        Err(sqlx::Error::Protocol(format!(
+            "PostgreSQL refuses even the plainest form of {}/{}/{}: {last_reason}",
+            row.topic, row.partition, row.offset
+        )))
     }
 
     fn retry_on(&mut self, failure: Failure) -> sqlx::Error {
