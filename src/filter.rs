@@ -72,9 +72,7 @@ fn parse_part(text: &str, side: &str, filter: &str) -> Result<Part, FilterError>
         return Ok(Part::Any);
     }
     if text.is_empty() {
-        return Err(error(format!(
-            "the {side} is empty (use * for any {side})"
-        )));
+        return Err(error(format!("the {side} is empty (use * for any {side})")));
     }
     if text.len() > MAX_NAME_BYTES {
         return Err(error(format!(
@@ -262,7 +260,9 @@ mod tests {
             ("arm", "update_user"),
             ("orm", "start_task"),
         ];
-        let cases: [(&[&str], &[(&str, &str)]); 5] = [
+        /// The filters given, and the events they select.
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+        let cases: [Case; 5] = [
             (&["lk:*"], &[("lk", "create_user"), ("lk", "update_user")]),
             (
                 &["*:create_user", "*:update_user"],
