@@ -14,25 +14,32 @@
 //! and is dropped here. Every user value is a bound parameter: no user text reaches the SQL.
 //!
 //! `--last N` first finds where the last N start, with the same branches read backwards
-//! (`ORDER BY seq DESC LIMIT N`), then streams ascending from there. On 300,000 rows,
-//! "the last 10 of `lk:create_user,lk:update_user`" plans as (tests/history.rs checks it):
+//! (`ORDER BY seq DESC LIMIT N`), then streams ascending from there. On 300,000 rows (lk 2% of
+//! them, each type 5%), "the last 10 of `lk:create_user,lk:update_user`" plans as
+//! (tests/history.rs checks it; per day partition, the empty ones ahead elided):
 //!
 //! ```text
-//! Aggregate                                   -- min(seq)
-//!   Limit
-//!     Unique                                  -- the seqs both branches found once
+//! Aggregate                                          -- min(seq)
+//!   Limit (10)
+//!     Unique                                         -- an event both branches found, once
 //!       Merge Append (Sort Key: seq DESC)
-//!         Limit
-//!           Index Scan Backward using events_p…_service_seq_idx   -- service = 'lk'
-//!             Filter: action = 'create_user'
-//!         Limit
-//!           Index Scan Backward using events_p…_service_seq_idx
-//!             Filter: action = 'update_user'
+//!         Limit (10)
+//!           Merge Append (Sort Key: seq DESC)        -- over the day partitions
+//!             Index Scan Backward using events_p…_action_seq_idx
+//!               Index Cond: action = 'create_user'   Filter: service = 'lk'
+//!         Limit (10)
+//!           … the same for update_user
+//! Limit (10)                                         -- then the chunk, ascending
+//!   Merge Append (Sort Key: seq)
+//!     Limit → Sort (~7 rows) → Index Scan using events_p…_seq_idx  Index Cond: seq > start - 1
+//!     …
 //! ```
 //!
-//! then one chunk query of the same shape, forwards, from the start found: no Sort of the
-//! selected rows, a few dozen index entries read. A filter naming one side only (`lk:*`) reads
-//! nothing but its index (Index Only Scan).
+//! No Sort of the selected rows (only of the few after a cursor the planner knows, when it
+//! prefers the seq index for them), no Seq Scan of a partition with rows; a chunk of
+//! `*:create_user,*:update_user` from the start is a Merge Append of two `(action, seq)` index
+//! scans. A filter naming both sides reads one side's index and filters on the other (there is no
+//! `(service, action, seq)` index).
 
 use std::io::Write;
 use std::time::Duration;
@@ -443,15 +450,16 @@ impl History {
     /// last-N start first when the selection has one: to check which indexes serve it.
     pub async fn explain(&self, selection: &Selection) -> Result<String, HistoryError> {
         let mut plans = String::new();
-        let mut statements = vec![(&self.statements.chunk, self.chunk_size)];
+        let mut statements = vec![(&self.statements.chunk, self.cursor, self.chunk_size)];
         if let Some(last) = selection.last {
-            statements.insert(0, (&self.statements.last_start, last));
+            let cursor = selection.after_seq.unwrap_or(i64::MIN);
+            statements.insert(0, (&self.statements.last_start, cursor, last));
         }
-        for (sql, limit) in statements {
+        for (sql, cursor, limit) in statements {
             let explain = format!("EXPLAIN {sql}");
             let rows = self
                 .statements
-                .bound(&explain, self.cursor, limit)
+                .bound(&explain, cursor, limit)
                 .fetch_all(&self.pool)
                 .await?;
             for row in rows {
