@@ -18,6 +18,7 @@ use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::log::{FileLog, LogArgs, LogSettings};
 use crate::produce::{self, ProduceOptions};
 use crate::settings::ConfigError;
+use crate::store::history::SelectionArgs;
 use crate::store::{FileStore, StoreArgs, StoreSettings};
 use crate::topics::admin::{topic_rows, Admin};
 use crate::{shutdown, telemetry, topics};
@@ -74,6 +75,26 @@ pub enum Command {
         postgres: PostgresArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
+    },
+    /// Stored events as JSON lines in sequence order, streamed: `--filter lk:* --last 10`.
+    History {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
+    /// Re-publish stored events (same selection as history) with replay headers.
+    Replay {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Send everything here instead of to each event's original topic.
+        #[arg(long, value_name = "TOPIC")]
+        to_topic: Option<String>,
+        /// Events per second; 0 = as fast as Kafka confirms them.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[command(flatten)]
+        postgres: PostgresArgs,
     },
     /// Create and inspect the topics defined under topics/.
     Topics {
@@ -239,7 +260,9 @@ impl Command {
             Command::Store {
                 command: Some(StoreCommand::Verify { postgres, .. }),
                 ..
-            } => (None, Some(postgres), None),
+            }
+            | Command::History { postgres, .. }
+            | Command::Replay { postgres, .. } => (None, Some(postgres), None),
             Command::Check {
                 elasticsearch,
                 postgres,
@@ -403,6 +426,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let (readiness, shutdown) = start_stage(&settings).await?;
             crate::store::run(&settings, store, readiness, shutdown).await
         }
+        Command::History { selection, .. } => {
+            crate::store::history::print(&settings, &selection).await
+        }
+        Command::Replay {
+            selection,
+            to_topic,
+            rate,
+            ..
+        } => crate::store::replay::run_command(&settings, &selection, to_topic, rate).await,
         Command::Topics { command } => run_topics(command, &settings).await,
         Command::Produce {
             topic,
@@ -513,10 +545,7 @@ async fn store_verify(
         // A pattern: whatever topics the store holds.
         (true, crate::stage::InputTopics::Pattern(_)) => Vec::new(),
     };
-    let shown = redact_url(settings.postgres_url.as_str());
-    let pool = crate::store::schema::open_existing(settings.postgres_url.as_str())
-        .await
-        .with_context(|| format!("the event store at {shown}"))?;
+    let pool = crate::store::history::connect(settings.postgres_url.as_str()).await?;
     let reports =
         crate::store::verify::verify(&settings.kafka, &pool, &topics, &store.group_id).await?;
     let total = crate::store::verify::Totals::of(&reports);

@@ -260,6 +260,7 @@ mod tests {
             ("arm", "update_user"),
             ("orm", "start_task"),
         ];
+        /// The filters given, and the events they select.
         type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
         let cases: [Case; 5] = [
             (&["lk:*"], &[("lk", "create_user"), ("lk", "update_user")]),

@@ -663,7 +663,7 @@ async fn bad_settings_are_one_line_errors_naming_the_setting() {
     );
     let stderr = common::stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("run `eventpipe store` first"), "{stderr}");
+    assert!(stderr.contains("run eventpipe store first"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ pub use crate::stage::OutputRecord;
 #[cfg(test)]
 use crate::stage::RecordHeaders;
 use crate::stage::{DeadLetter, Record};
+use crate::store::row::REPLAY_HEADER_PREFIX;
 
 /// A consumed record as the transform needs it.
 pub struct InputRecord<'a> {
@@ -119,6 +120,14 @@ impl Transformer {
         let key_text = input.record.key.map(String::from_utf8_lossy);
         let partition_text = input.record.partition.to_string();
         let offset_text = input.record.offset.to_string();
+        // A replayed input's outputs are history too: every later stage can tell.
+        let replay_headers: Vec<(Cow<'static, str>, Vec<u8>)> = input
+            .record
+            .headers
+            .iter()
+            .filter(|(name, _)| name.starts_with(REPLAY_HEADER_PREFIX))
+            .map(|(name, value)| (Cow::Owned(name.to_string()), value.to_vec()))
+            .collect();
         let outputs = outbound
             .into_iter()
             .map(|out| {
@@ -141,7 +150,7 @@ impl Transformer {
                     },
                 };
                 let value = serde_json::to_vec(&body).expect("output envelopes always serialize");
-                let headers = vec![
+                let mut headers = vec![
                     (Cow::Borrowed("service"), self.service.as_bytes().to_vec()),
                     (Cow::Borrowed("action"), out.action.as_bytes().to_vec()),
                     (
@@ -161,6 +170,7 @@ impl Transformer {
                         offset_text.as_bytes().to_vec(),
                     ),
                 ];
+                headers.extend(replay_headers.iter().cloned());
                 OutputRecord {
                     topic: out.topic,
                     key: input.record.key.map(<[u8]>::to_vec),
@@ -278,6 +288,56 @@ mod tests {
                 assert_eq!(header(output, "action"), action);
                 assert_eq!(header(output, "eventpipe.source.offset"), "17");
             }
+        }
+    }
+
+    #[test]
+    fn replay_headers_are_carried_to_every_output_and_live_traffic_gets_none() {
+        let t = transformer();
+        let body = br#"{"service":"lk","action":"start_task","payload":{"message":"m","timestamp":"2024-05-01T12:00:00","data":{"user_id":42}}}"#;
+        let topic: Arc<str> = "task_in".into();
+        const REPLAYED: &[(&str, &[u8])] = &[
+            ("trace", b"abc"),
+            ("eventpipe.replay.id", b"0123456789abcdef"),
+            ("eventpipe.replay.seq", b"77"),
+            ("eventpipe.replay.offset", b"\xff"),
+        ];
+        let outputs_of = |headers: &'static [(&'static str, &'static [u8])]| {
+            let mut input = record(&topic, body);
+            input.headers = RecordHeaders::Pairs(headers);
+            let transformed = t.transform(
+                &InputRecord {
+                    record: &input,
+                    payload: input.payload,
+                },
+                "NOW",
+            );
+            match transformed {
+                Disposition::Routed { outputs, .. } => outputs,
+                other => panic!("{other:?}"),
+            }
+        };
+        let outputs = outputs_of(REPLAYED);
+        assert_eq!(outputs.len(), 2, "start_task has two outputs");
+        for output in &outputs {
+            let carried: Vec<(&str, &[u8])> = output
+                .headers
+                .iter()
+                .filter(|(name, _)| name.starts_with("eventpipe.replay."))
+                .map(|(name, value)| (name.as_ref(), value.as_slice()))
+                .collect();
+            assert_eq!(
+                carried,
+                REPLAYED[1..].to_vec(),
+                "in order, bytes as they were"
+            );
+            assert!(output.headers.iter().all(|(name, _)| name != "trace"));
+        }
+        for output in outputs_of(&[("trace", b"abc")]) {
+            assert!(output
+                .headers
+                .iter()
+                .all(|(name, _)| !name.starts_with("eventpipe.replay.")));
         }
     }
 

@@ -1,8 +1,10 @@
 //! `eventpipe store`: every record of the stored topics kept in PostgreSQL (`events`), once per
 //! Kafka coordinate, committed before its offset; history queries and replay read it back.
 
+pub mod history;
 pub mod metrics;
 pub mod pipeline;
+pub mod replay;
 pub mod row;
 pub mod schema;
 pub mod settings;

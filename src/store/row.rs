@@ -133,24 +133,64 @@ pub fn headers_json(record: &Record<'_>) -> Option<String> {
     let pairs: Vec<serde_json::Value> = record
         .headers
         .iter()
-        .map(|(name, value)| {
-            // jsonb cannot hold NUL: a value with one is kept as hex, a name has it replaced.
-            let value = match std::str::from_utf8(value) {
-                Ok(text) if !text.contains('\0') => serde_json::Value::String(text.to_string()),
-                _ => serde_json::json!({ "hex": hex(value) }),
-            };
-            serde_json::json!([name.replace('\0', "\u{fffd}"), value])
-        })
+        // jsonb cannot hold NUL: a name has it replaced (a value with one is kept as hex).
+        .map(|(name, value)| serde_json::json!([name.replace('\0', "\u{fffd}"), bytes_json(value)]))
         .collect();
     Some(serde_json::Value::Array(pairs).to_string())
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex: how the store spells bytes that are not UTF-8 (`{"hex": ...}`).
+pub fn hex(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
         let _ = write!(text, "{byte:02x}");
     }
     text
+}
+
+/// The bytes of `hex` text; `None` when it is not an even number of hex digits.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
+}
+
+/// Bytes as the store shows them in JSON: a string when UTF-8 (and without NUL, which jsonb
+/// cannot hold), else `{"hex": "..."}`.
+pub fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => serde_json::Value::String(text.to_string()),
+        _ => serde_json::json!({ "hex": hex(bytes) }),
+    }
+}
+
+/// The headers `headers_json` stored, back as (name, bytes) pairs in order.
+pub fn parse_stored_headers(headers: &serde_json::Value) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let pairs = headers
+        .as_array()
+        .ok_or_else(|| format!("headers are not an array: {headers}"))?;
+    pairs
+        .iter()
+        .map(|pair| {
+            let (name, value) = match pair.as_array().map(Vec::as_slice) {
+                Some([serde_json::Value::String(name), value]) => (name, value),
+                _ => return Err(format!("a header is not [name, value]: {pair}")),
+            };
+            let bytes = match value {
+                serde_json::Value::String(text) => text.as_bytes().to_vec(),
+                other => other
+                    .get("hex")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(unhex)
+                    .ok_or_else(|| format!("header {name:?} has an unreadable value: {other}"))?,
+            };
+            Ok((name.clone(), bytes))
+        })
+        .collect()
 }
 
 impl StoredRow {
@@ -405,6 +445,31 @@ mod tests {
                 r#"[["service","arm"],["action","update_user"],["bin",{"hex":"ff00"}],["nul",{"hex":"610062"}]]"#
             )
         );
+    }
+
+    #[test]
+    fn stored_headers_read_back_as_the_bytes_they_were() {
+        let topic: Arc<str> = "t".into();
+        let headers: &[(&str, &[u8])] = &[("service", b"arm"), ("bin", b"\xff\x00"), ("e", b"")];
+        let row = StoredRow::from_json_topic(&record(&topic, ENVELOPE, headers), 1 << 20);
+        let stored: serde_json::Value = serde_json::from_str(&row.headers.unwrap()).unwrap();
+        let back = parse_stored_headers(&stored).unwrap();
+        let expected: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_vec()))
+            .collect();
+        assert_eq!(back, expected);
+        assert_eq!(unhex("00ABff"), Some(vec![0, 0xab, 0xff]));
+        for bad in ["abc", "zz", "é0"] {
+            assert_eq!(unhex(bad), None, "{bad}");
+        }
+        for bad in [
+            serde_json::json!({"a": 1}),
+            serde_json::json!([["a"]]),
+            serde_json::json!([["a", {"hex": "f"}]]),
+        ] {
+            assert!(parse_stored_headers(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -20,8 +20,6 @@ pub enum SchemaError {
     Postgres(#[from] sqlx::Error),
     #[error("migrating the store's schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("no event store here (no table `events`): run `eventpipe store` first")]
-    NoStore,
 }
 
 /// The store's migrations. Other stages keep theirs in `migrations/<stage>`, under the same
@@ -41,23 +39,6 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, SchemaEr
         .connect(url)
         .await?;
     migrator().run(&pool).await?;
-    Ok(pool)
-}
-
-/// A pool on a database the store has written to, for readers (verify, history): it applies
-/// no migration, and a database without the store's table is a one-line error.
-pub async fn open_existing(url: &str) -> Result<PgPool, SchemaError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('events') IS NOT NULL")
-        .fetch_one(&pool)
-        .await?;
-    if !exists {
-        return Err(SchemaError::NoStore);
-    }
     Ok(pool)
 }
 
