@@ -16,20 +16,13 @@ use common::StageProcess;
 use eventpipe::config::Settings;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::{json, Value};
 
 const SERVICES: [&str; 3] = ["lk", "arm", "orm"];
 const ACTIONS: [&str; 3] = ["create_user", "update_user", "start_task"];
 
-/// A record to produce: key, value, headers and its Kafka timestamp.
-struct Outgoing {
-    topic: String,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-    timestamp_ms: i64,
-}
+use common::Outgoing;
 
 /// `count` envelopes from every service and action, over `topics`, 100 ms apart from
 /// `start_ms`. Some name their sender and type in headers (as `eventpipe produce` does), some
@@ -65,7 +58,7 @@ fn envelopes(seed: u64, count: usize, topics: &[&str], start_ms: i64) -> Vec<Out
                 key: (i % 10 != 0).then(|| user.to_string().into_bytes()),
                 value: serde_json::to_vec(&value).unwrap(),
                 headers,
-                timestamp_ms: start_ms + 100 * i as i64,
+                timestamp_ms: Some(start_ms + 100 * i as i64),
             }
         })
         .collect()
@@ -83,43 +76,9 @@ fn bad_records(topic: &str, headers: &[(&str, &[u8])], timestamp_ms: i64) -> Vec
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.to_vec()))
                 .collect(),
-            timestamp_ms,
+            timestamp_ms: Some(timestamp_ms),
         })
         .collect()
-}
-
-async fn produce(settings: &Settings, records: &[Outgoing]) {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer<eventpipe::kafka::PipelineContext> =
-        eventpipe::kafka::client::create_client(
-            &settings.kafka,
-            eventpipe::kafka::ClientKind::Producer,
-            Default::default(),
-        )
-        .unwrap();
-    let mut pending = Vec::new();
-    for record in records {
-        let headers = record
-            .headers
-            .iter()
-            .fold(OwnedHeaders::new(), |headers, (key, value)| {
-                headers.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        let mut outgoing = FutureRecord::<[u8], [u8]>::to(&record.topic)
-            .payload(&record.value)
-            .headers(headers)
-            .timestamp(record.timestamp_ms);
-        if let Some(key) = &record.key {
-            outgoing = outgoing.key(key);
-        }
-        pending.push(producer.send_result(outgoing).expect("enqueued"));
-    }
-    for future in pending {
-        future.await.expect("not cancelled").expect("delivered");
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -412,7 +371,7 @@ async fn history_answers_each_filter_kind_as_an_independent_filter_over_kafka_do
     let start_ms = Utc::now().timestamp_millis() - 600_000;
     let mut records = envelopes(13, 3000, &[&users, &tasks], start_ms);
     records.extend(bad_records(&users, &[], start_ms + 150));
-    produce(&settings, &records).await;
+    common::produce_outgoing(&settings, &records).await;
     let store = Store::start(&[&users, &tasks]).await;
     store.wait_for_rows(records.len() as i64).await;
 
@@ -557,7 +516,7 @@ async fn replay_republishes_a_selection_once_each_in_order_and_the_store_keeps_i
         ],
         start_ms + 50,
     ));
-    produce(&settings, &records).await;
+    common::produce_outgoing(&settings, &records).await;
     let store = Store::start(&[&source]).await;
     store.wait_for_rows(records.len() as i64).await;
     let found: BTreeMap<Coordinates, Found> = common::read_to_end(&settings, &source)

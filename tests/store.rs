@@ -9,62 +9,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::StageProcess;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::{json, Value};
 use sqlx::Row;
 
 use eventpipe::config::Settings;
-use eventpipe::kafka::client::create_client;
-use eventpipe::kafka::{ClientKind, PipelineContext};
 
 const SERVICES: [&str; 3] = ["lk", "arm", "orm"];
 const ACTIONS: [&str; 3] = ["create_user", "update_user", "start_task"];
 /// Values above this are stored raw in these tests (`--max-json-bytes`).
 const MAX_JSON_BYTES: usize = 2_000;
 
-/// A record as a producer sends it.
-#[derive(Clone)]
-struct Produced {
-    topic: String,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
-    timestamp_ms: Option<i64>,
-}
+use common::Outgoing as Produced;
 
 async fn produce(settings: &Settings, records: &[Produced]) {
-    let producer: FutureProducer<PipelineContext> = create_client(
-        &settings.kafka,
-        ClientKind::Producer,
-        PipelineContext::default(),
-    )
-    .unwrap();
-    let mut pending = Vec::new();
-    for record in records {
-        let headers = record
-            .headers
-            .iter()
-            .fold(OwnedHeaders::new(), |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        let mut future_record = FutureRecord::to(&record.topic)
-            .payload(record.value.as_slice())
-            .headers(headers);
-        if let Some(key) = &record.key {
-            future_record = future_record.key(key.as_slice());
-        }
-        if let Some(timestamp) = record.timestamp_ms {
-            future_record = future_record.timestamp(timestamp);
-        }
-        pending.push(producer.send_result(future_record).expect("enqueued"));
-    }
-    for future in pending {
-        future.await.expect("not cancelled").expect("delivered");
-    }
+    common::produce_outgoing(settings, records).await
 }
 
 fn envelope(i: usize, service: &str, action: &str) -> Value {

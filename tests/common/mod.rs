@@ -808,3 +808,51 @@ impl Drop for Outage {
         }
     }
 }
+
+/// A record as a producer sends it: any topic, key, headers and timestamp.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// None: the producer's clock.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Produces `records` and waits for every delivery report.
+pub async fn produce_outgoing(settings: &Settings, records: &[Outgoing]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer<PipelineContext> = create_client(
+        &settings.kafka,
+        ClientKind::Producer,
+        PipelineContext::default(),
+    )
+    .unwrap();
+    let mut pending = Vec::new();
+    for record in records {
+        let headers = record
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+        let mut outgoing = FutureRecord::<[u8], [u8]>::to(&record.topic)
+            .payload(&record.value)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            outgoing = outgoing.key(key);
+        }
+        if let Some(timestamp) = record.timestamp_ms {
+            outgoing = outgoing.timestamp(timestamp);
+        }
+        pending.push(producer.send_result(outgoing).expect("enqueued"));
+    }
+    for future in pending {
+        future.await.expect("not cancelled").expect("delivered");
+    }
+}
