@@ -4,6 +4,7 @@
 mod aggregate;
 mod broker;
 mod dispatch;
+mod history;
 mod log;
 mod measure;
 
@@ -42,6 +43,9 @@ enum Workload {
     Aggregate(aggregate::AggregateBenchOptions),
     /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
     Broker(broker::BrokerBenchOptions),
+    /// The event store read back: "last 10" latency on a million events, a filtered range
+    /// streamed (rows/s, peak RSS), and replay vs a raw produce of the same records.
+    History(history::HistoryBenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,9 @@ async fn run(
             aggregate::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
         }
         Workload::Broker(options) => broker::run(&settings, options).await?,
+        Workload::History(options) => {
+            history::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
+        }
     };
     measure::report(&results);
     Ok(())

@@ -31,6 +31,8 @@ use crate::kafka::{ClientKind, KafkaError, PipelineContext};
 
 /// Records awaiting their delivery report at most.
 const MAX_IN_FLIGHT: usize = 10_000;
+/// Chunks read ahead of the one being produced.
+const PREFETCH_CHUNKS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -151,6 +153,16 @@ pub async fn run(
         require_topics(&metadata, &[topic], kafka)?;
     }
     let mut history = History::open(pool, selection, options.chunk_size).await?;
+    // The next chunks are read while this one is produced: the store and Kafka work at once.
+    let (chunks, mut next_chunks) = tokio::sync::mpsc::channel(PREFETCH_CHUNKS);
+    let reader = tokio::spawn(async move {
+        while let Some(chunk) = history.next_chunk().await.transpose() {
+            let failed = chunk.is_err();
+            if chunks.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    });
     let mut sender = BoundedSender::new(&producer, MAX_IN_FLIGHT);
     let mut pacer = (options.rate > 0).then(|| Pacer::new(options.rate));
     let mut ticker = tokio::time::interval(PACER_TICK);
@@ -158,7 +170,8 @@ pub async fn run(
     let mut allowance = 0u64;
     let mut sent = 0u64;
     let mut interrupted = false;
-    'chunks: while let Some(events) = history.next_chunk().await? {
+    'chunks: while let Some(chunk) = next_chunks.recv().await {
+        let events = chunk?;
         for event in &events {
             if shutdown.is_cancelled() {
                 interrupted = true;
@@ -188,6 +201,7 @@ pub async fn run(
         }
         progress(events.len() as u64);
     }
+    reader.abort();
     let delivered = sender.finish().await?;
     if delivered != sent {
         return Err(ReplayError::Unconfirmed { sent, delivered });
