@@ -222,12 +222,10 @@ impl Fixture {
 async fn postgres_sink(
     settings: &eventpipe::config::Settings,
 ) -> (sqlx::PgPool, Vec<(&'static str, String)>) {
-    let (pool, name) = common::fresh_database(settings).await;
-    let mut url = settings.postgres_url.clone();
-    url.set_path(&name);
+    let (pool, url) = common::fresh_database_url(settings).await;
     let env = vec![
         ("STORAGE_TYPE", "postgres".to_string()),
-        ("POSTGRES_CONNECTION_STRING", url.to_string()),
+        ("POSTGRES_CONNECTION_STRING", url),
     ];
     (pool, env)
 }

@@ -1,9 +1,10 @@
-//! Observability on the real stack: the three stages run fed with good and bad traffic, scraped
+//! Observability on the real stack: the four stages run fed with good and bad traffic (the store
+//! keeps the dispatcher's input and the log's, on a fresh database of its own), scraped
 //! by a Prometheus running deploy/prometheus.yml; every query of every Grafana dashboard is
 //! evaluated through Prometheus's HTTP API and must return data.
 //!
 //! The stages bind their own ports (see `common::StageProcess`), so the Prometheus is the
-//! test's own: the stack's binary with deploy/prometheus.yml as it is, except that the three
+//! test's own: the stack's binary with deploy/prometheus.yml as it is, except that the four
 //! stage targets point at the ports the stages bound and the rule files are found from the
 //! repository. It binds its own port too. Nothing is fixed, so the test runs next to
 //! `scripts/demo` or another run of itself, and only its own stages can answer the queries.
@@ -211,7 +212,21 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         ],
         &[("STORAGE_TYPE", "kafka"), ("AGGREGATION_INTERVAL", "1")],
     );
-    for stage in [&dispatch, &log, &aggregate] {
+    // The store keeps what the dispatcher and the log read, bad input included (stored raw).
+    let (_store_db, store_url) = common::fresh_database_url(&settings).await;
+    let store = StageProcess::start(
+        &[
+            "store",
+            "--topics",
+            &format!("{create},{info}"),
+            "--postgres-url",
+            &store_url,
+            "--group-id",
+            &format!("{base}-s"),
+        ],
+        &[],
+    );
+    for stage in [&dispatch, &log, &aggregate, &store] {
         stage.wait_ready().await;
     }
     // The targets deploy/prometheus.yml names for the stages, now where they listen.
@@ -219,6 +234,7 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         ("127.0.0.1:19464", dispatch.metrics_address().await),
         ("127.0.0.1:19465", log.metrics_address().await),
         ("127.0.0.1:19466", aggregate.metrics_address().await),
+        ("127.0.0.1:19467", store.metrics_address().await),
     ])
     .await;
 
@@ -269,21 +285,22 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         "{} queries without data after {round} rounds of traffic",
         empty.len()
     );
-    for stage in [&dispatch, &log, &aggregate] {
+    for stage in [&dispatch, &log, &aggregate, &store] {
         common::assert_promtool_accepts(&stage.metrics().await);
     }
     let logs = format!(
-        "dispatch:\n{}\nlog:\n{}\naggregate:\n{}",
+        "dispatch:\n{}\nlog:\n{}\naggregate:\n{}\nstore:\n{}",
         dispatch.log(),
         log.log(),
-        aggregate.log()
+        aggregate.log(),
+        store.log()
     );
     assert!(
         empty.is_empty(),
         "queries without data after {round} rounds of traffic:\n{}\n\n{logs}",
         empty.join("\n")
     );
-    for stage in [dispatch, log, aggregate] {
+    for stage in [dispatch, log, aggregate, store] {
         let (status, output) = stage.terminate();
         assert!(status.success(), "{output}");
     }

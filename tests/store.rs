@@ -106,10 +106,7 @@ fn bad_records(topic: &str) -> Vec<(Produced, &'static str)> {
 
 /// The database URL of a fresh database, and a pool on it.
 async fn fresh_store(settings: &Settings) -> (sqlx::PgPool, String) {
-    let (pool, name) = common::fresh_database(settings).await;
-    let mut url = settings.postgres_url.clone();
-    url.set_path(&name);
-    (pool, url.to_string())
+    common::fresh_database_url(settings).await
 }
 
 fn start_store(topics: &[String], url: &str, group: &str, extra: &[&str]) -> StageProcess {

@@ -22,9 +22,7 @@ async fn postgres_down_for_30_seconds_loses_and_duplicates_nothing() {
     let settings = common::settings();
     let topic = common::unique("store-outage");
     common::create_topic(&settings, &topic, 3).await;
-    let (pool, name) = common::fresh_database(&settings).await;
-    let mut url = settings.postgres_url.clone();
-    url.set_path(&name);
+    let (pool, url) = common::fresh_database_url(&settings).await;
     let group = format!("{topic}-group");
     let stage = StageProcess::start(
         &[

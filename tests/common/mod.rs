@@ -336,6 +336,14 @@ pub async fn fresh_database(settings: &Settings) -> (sqlx::PgPool, String) {
     (pool, name)
 }
 
+/// A fresh database (as `fresh_database`) and its URL, for a stage's `--postgres-url`.
+pub async fn fresh_database_url(settings: &Settings) -> (sqlx::PgPool, String) {
+    let (pool, name) = fresh_database(settings).await;
+    let mut url = settings.postgres_url.clone();
+    url.set_path(&name);
+    (pool, url.to_string())
+}
+
 /// The eventpipe binary built for this test run, or `EVENTPIPE_TEST_BIN` (to show that a
 /// regression test fails on an older build).
 pub fn eventpipe_bin() -> PathBuf {
