@@ -72,9 +72,7 @@ fn parse_part(text: &str, side: &str, filter: &str) -> Result<Part, FilterError>
         return Ok(Part::Any);
     }
     if text.is_empty() {
-        return Err(error(format!(
-            "the {side} is empty (use * for any {side})"
-        )));
+        return Err(error(format!("the {side} is empty (use * for any {side})")));
     }
     if text.len() > MAX_NAME_BYTES {
         return Err(error(format!(

@@ -14,8 +14,8 @@ pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod settings; // one setting's resolution: flag > environment > config file > default, checked
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline
-pub mod store; // `eventpipe store`: every event kept in PostgreSQL, history and replay
 pub mod stage; // the stage runtime: one consume → handle → acknowledge → commit → dead-letter loop
+pub mod store; // `eventpipe store`: every event kept in PostgreSQL, history and replay
 pub mod tail; // `eventpipe tail`: print a topic's records as JSON lines, no consumer group
 pub mod telemetry; // tracing subscriber and the /metrics, /health, /ready endpoint
 pub mod topics; // topic definitions under topics/, the plan that applies them, admin operations

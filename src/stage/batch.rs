@@ -258,13 +258,19 @@ mod tests {
             max_age: Duration::from_secs(3600),
         };
         let sink = written.clone();
-        let mut batcher = Batcher::start(limits, "sink", 1, Arc::default(), move |items: Vec<u32>, _| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push(items);
-                Ok(())
-            }
-        });
+        let mut batcher = Batcher::start(
+            limits,
+            "sink",
+            1,
+            Arc::default(),
+            move |items: Vec<u32>, _| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(items);
+                    Ok(())
+                }
+            },
+        );
         for i in 0..7 {
             loop {
                 match batcher.check_room() {
@@ -293,9 +299,10 @@ mod tests {
             max_bytes: usize::MAX,
             max_age: Duration::from_secs(3600),
         };
-        let mut batcher = Batcher::start(limits, "sink", 1, Arc::default(), |_: Vec<u32>, _| async {
-            Err(StageError::Fatal("disk on fire".into()))
-        });
+        let mut batcher =
+            Batcher::start(limits, "sink", 1, Arc::default(), |_: Vec<u32>, _| async {
+                Err(StageError::Fatal("disk on fire".into()))
+            });
         batcher.push(1, 1).unwrap();
         let error = batcher
             .finish(Instant::now() + Duration::from_secs(5))

@@ -18,8 +18,8 @@ use crate::config::{CodecSettings, Format, KafkaSettings};
 use crate::log::bulk::Backoff;
 use crate::stage::batch::{BatchLimits, Batcher};
 use crate::stage::{
-    DeadLetterTopic, Handled, OffsetPolicy, PartitionHooks, PartitionId, Record, Stage,
-    StageError, StageIo, StageSpec,
+    DeadLetterTopic, Handled, OffsetPolicy, PartitionHooks, PartitionId, Record, Stage, StageError,
+    StageIo, StageSpec,
 };
 use crate::telemetry::Readiness;
 
@@ -117,28 +117,41 @@ pub async fn run(
     let hooks = Arc::new(StoreHooks {
         handed: handed.clone(),
     });
-    let result = crate::stage::run(kafka, stage_spec(kafka, settings), hooks, readiness, shutdown, |io| {
-        let writer = BatchWriter {
-            writer: Arc::new(tokio::sync::Mutex::new(Writer::new(pool))),
-            io,
-            summary: summary.clone(),
-            retry_initial: settings.retry_initial_backoff,
-            retry_max: settings.retry_max_backoff,
-        };
-        // One write at a time: rows commit in the order the runtime handed them over, so `seq`
-        // follows each partition's (and the merged inputs') order.
-        let batcher = Batcher::start(limits, "postgres", 1, handed.clone(), move |rows, give_up| {
-            let writer = writer.clone();
-            async move { writer.write(rows, give_up).await }
-        });
-        StoreStage {
-            batcher,
-            codecs,
-            registry,
-            max_json_bytes: settings.max_json_bytes,
-            summary: summary.clone(),
-        }
-    })
+    let result = crate::stage::run(
+        kafka,
+        stage_spec(kafka, settings),
+        hooks,
+        readiness,
+        shutdown,
+        |io| {
+            let writer = BatchWriter {
+                writer: Arc::new(tokio::sync::Mutex::new(Writer::new(pool))),
+                io,
+                summary: summary.clone(),
+                retry_initial: settings.retry_initial_backoff,
+                retry_max: settings.retry_max_backoff,
+            };
+            // One write at a time: rows commit in the order the runtime handed them over, so `seq`
+            // follows each partition's (and the merged inputs') order.
+            let batcher = Batcher::start(
+                limits,
+                "postgres",
+                1,
+                handed.clone(),
+                move |rows, give_up| {
+                    let writer = writer.clone();
+                    async move { writer.write(rows, give_up).await }
+                },
+            );
+            StoreStage {
+                batcher,
+                codecs,
+                registry,
+                max_json_bytes: settings.max_json_bytes,
+                summary: summary.clone(),
+            }
+        },
+    )
     .await;
     maintenance.abort();
     result.map(|_| summary)
@@ -162,7 +175,9 @@ async fn maintain(pool: PgPool, retention: Option<Duration>, stop: CancellationT
                                 .increment(dropped as u64)
                         }
                         Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "retention: dropping partitions failed"),
+                        Err(error) => {
+                            tracing::warn!(%error, "retention: dropping partitions failed")
+                        }
                     }
                 }
                 Err(error) => tracing::warn!(%error, "retention: listing partitions failed"),
@@ -186,7 +201,11 @@ struct BatchWriter {
 }
 
 impl BatchWriter {
-    async fn write(&self, rows: Vec<StoredRow>, give_up: CancellationToken) -> Result<(), StageError> {
+    async fn write(
+        &self,
+        rows: Vec<StoredRow>,
+        give_up: CancellationToken,
+    ) -> Result<(), StageError> {
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
         let mut writer = self.writer.lock().await;
         loop {
@@ -196,7 +215,8 @@ impl BatchWriter {
             }
             let started = Instant::now();
             let result = writer.write(&rows).await;
-            metrics::histogram!("eventpipe_store_batch_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("eventpipe_store_batch_seconds")
+                .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(written) => {
                     self.postgres_up(true);
@@ -205,7 +225,8 @@ impl BatchWriter {
                         .increment(written.inserted);
                     metrics::counter!("eventpipe_store_rows_total", "outcome" => "already_stored")
                         .increment(written.duplicates);
-                    metrics::counter!("eventpipe_store_refused_rows_total").increment(written.made_raw);
+                    metrics::counter!("eventpipe_store_refused_rows_total")
+                        .increment(written.made_raw);
                     add(&self.summary.stored, written.inserted);
                     add(&self.summary.duplicates, written.duplicates);
                     add(&self.summary.raw, written.made_raw);

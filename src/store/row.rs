@@ -304,10 +304,7 @@ fn null(out: &mut Vec<u8>) {
 }
 
 fn copy_time(time: DateTime<Utc>, out: &mut Vec<u8>) {
-    out.extend_from_slice(
-        time.to_rfc3339_opts(SecondsFormat::Micros, true)
-            .as_bytes(),
-    );
+    out.extend_from_slice(time.to_rfc3339_opts(SecondsFormat::Micros, true).as_bytes());
 }
 
 /// Text with COPY's escapes. PostgreSQL text cannot hold NUL: it becomes U+FFFD (only in text
@@ -370,7 +367,9 @@ mod tests {
         assert_eq!(row.service, "lk");
         assert_eq!(row.action, "create_user");
         assert_eq!(
-            row.event_time.unwrap().to_rfc3339_opts(SecondsFormat::Micros, true),
+            row.event_time
+                .unwrap()
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
             "2024-05-01T12:00:00.123456Z"
         );
         assert_eq!(row.body, Body::Json(ENVELOPE.to_vec()));
@@ -386,7 +385,10 @@ mod tests {
             ("bin", b"\xff\x00"),
         ];
         let row = StoredRow::from_json_topic(&record(&topic, ENVELOPE, headers), 1 << 20);
-        assert_eq!((row.service.as_str(), row.action.as_str()), ("arm", "update_user"));
+        assert_eq!(
+            (row.service.as_str(), row.action.as_str()),
+            ("arm", "update_user")
+        );
         assert_eq!(
             row.headers.as_deref(),
             Some(r#"[["service","arm"],["action","update_user"],["bin",{"hex":"ff00"}]]"#)

@@ -92,7 +92,10 @@ pub async fn existing_partitions(pool: &PgPool) -> Result<BTreeSet<NaiveDate>, s
     )
     .fetch_all(pool)
     .await?;
-    Ok(names.iter().filter_map(|name| partition_day(name)).collect())
+    Ok(names
+        .iter()
+        .filter_map(|name| partition_day(name))
+        .collect())
 }
 
 /// Today and the days ahead, so the live edge never waits for DDL.
@@ -137,7 +140,10 @@ pub async fn drop_partitions(pool: &PgPool, days: &[NaiveDate]) -> Result<usize,
             .execute(&mut *transaction)
             .await?;
         transaction.commit().await?;
-        tracing::info!(partition = partition_name(*day), "retention: dropped partition");
+        tracing::info!(
+            partition = partition_name(*day),
+            "retention: dropped partition"
+        );
         dropped += 1;
     }
     Ok(dropped)
@@ -161,10 +167,11 @@ mod tests {
 
     #[test]
     fn partitions_expire_only_when_wholly_older_than_the_retention() {
-        let existing: BTreeSet<NaiveDate> = ["2026-10-30", "2026-10-31", "2026-11-01", "2026-12-01"]
-            .into_iter()
-            .map(day)
-            .collect();
+        let existing: BTreeSet<NaiveDate> =
+            ["2026-10-30", "2026-10-31", "2026-11-01", "2026-12-01"]
+                .into_iter()
+                .map(day)
+                .collect();
         let now = "2026-12-01T10:00:00Z".parse().unwrap();
         // 30 days back is 2026-11-01T10:00: the day of 10-31 ends at 11-01 00:00, before it.
         let gone = expired(&existing, now, Duration::from_secs(30 * 86_400));
@@ -176,6 +183,9 @@ mod tests {
     fn days_ahead_start_today() {
         let now = "2026-12-31T23:59:00Z".parse().unwrap();
         let days: Vec<_> = days_ahead(now).into_iter().collect();
-        assert_eq!(days, vec![day("2026-12-31"), day("2027-01-01"), day("2027-01-02")]);
+        assert_eq!(
+            days,
+            vec![day("2026-12-31"), day("2027-01-01"), day("2027-01-02")]
+        );
     }
 }

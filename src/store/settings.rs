@@ -223,15 +223,18 @@ impl StoreSettings {
                 }
             },
         };
-        let retry_initial_backoff_ms =
-            RETRY_INITIAL_BACKOFF_MS.resolve(&args.retry_initial_backoff_ms, &file.retry_initial_backoff_ms)?;
+        let retry_initial_backoff_ms = RETRY_INITIAL_BACKOFF_MS.resolve(
+            &args.retry_initial_backoff_ms,
+            &file.retry_initial_backoff_ms,
+        )?;
         let retry_max_backoff_ms =
             RETRY_MAX_BACKOFF_MS.resolve(&args.retry_max_backoff_ms, &file.retry_max_backoff_ms)?;
         Ok(StoreSettings {
             inputs,
             group_id: GROUP_ID.resolve(&args.group_id, &file.group_id)?,
             batch_size: BATCH_SIZE.resolve(&args.batch_size, &file.batch_size)?,
-            batch_max_bytes: BATCH_MAX_BYTES.resolve(&args.batch_max_bytes, &file.batch_max_bytes)?,
+            batch_max_bytes: BATCH_MAX_BYTES
+                .resolve(&args.batch_max_bytes, &file.batch_max_bytes)?,
             flush_interval: Duration::from_millis(
                 FLUSH_INTERVAL_MS.resolve(&args.flush_interval_ms, &file.flush_interval_ms)?,
             ),
@@ -240,7 +243,9 @@ impl StoreSettings {
             })?,
             max_json_bytes: MAX_JSON_BYTES.resolve(&args.max_json_bytes, &file.max_json_bytes)?,
             retry_initial_backoff: Duration::from_millis(retry_initial_backoff_ms),
-            retry_max_backoff: Duration::from_millis(retry_max_backoff_ms.max(retry_initial_backoff_ms)),
+            retry_max_backoff: Duration::from_millis(
+                retry_max_backoff_ms.max(retry_initial_backoff_ms),
+            ),
             drain_timeout: Duration::from_secs(
                 DRAIN_TIMEOUT_SECS.resolve(&args.drain_timeout_secs, &file.drain_timeout_secs)?,
             ),

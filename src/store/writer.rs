@@ -162,7 +162,10 @@ impl Writer {
     }
 
     /// Creates `days`' partitions (today and the days ahead, at start and on the hour).
-    pub async fn create_partitions(&mut self, days: BTreeSet<NaiveDate>) -> Result<(), sqlx::Error> {
+    pub async fn create_partitions(
+        &mut self,
+        days: BTreeSet<NaiveDate>,
+    ) -> Result<(), sqlx::Error> {
         let mut connection = self.pool.acquire().await?;
         ensure_partitions(&mut connection, &days).await?;
         self.partitions.extend(days);
@@ -180,9 +183,7 @@ impl Writer {
             }),
             Err(error) => match classify(error) {
                 Failure::Duplicate => {
-                    let inserted = copy_staged(&self.pool, &text)
-                        .await
-                        .map_err(classify)?;
+                    let inserted = copy_staged(&self.pool, &text).await.map_err(classify)?;
                     Ok(Written {
                         inserted,
                         duplicates: rows.len() as u64 - inserted,
