@@ -260,7 +260,9 @@ mod tests {
             ("arm", "update_user"),
             ("orm", "start_task"),
         ];
-        let cases: [(&[&str], &[(&str, &str)]); 5] = [
+        // (filters, the events they match)
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+        let cases: [Case; 5] = [
             (&["lk:*"], &[("lk", "create_user"), ("lk", "update_user")]),
             (
                 &["*:create_user", "*:update_user"],

@@ -90,7 +90,8 @@ impl Writer {
         self.ensure_partitions(rows).await?;
         let mut written = Written::default();
         // Ranges still to write, last first; a refused range is split in halves.
-        let mut pending: Vec<std::ops::Range<usize>> = vec![0..rows.len()];
+        let whole = 0..rows.len();
+        let mut pending: Vec<std::ops::Range<usize>> = vec![whole];
         while let Some(range) = pending.pop() {
             let chunk = &rows[range.clone()];
             match self.write_chunk(chunk).await {
