@@ -6,6 +6,7 @@ mod broker;
 mod dispatch;
 mod log;
 mod measure;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,9 @@ enum Workload {
     Aggregate(aggregate::AggregateBenchOptions),
     /// Kafka's own producer and consumer perf tools on this machine: the broker's ceiling.
     Broker(broker::BrokerBenchOptions),
+    /// Rows per second of the event store into PostgreSQL vs one raw COPY of the same rows and a
+    /// services-style Python consumer with psycopg, each into a fresh database.
+    Store(store::StoreBenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,9 @@ async fn run(
             aggregate::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
         }
         Workload::Broker(options) => broker::run(&settings, options).await?,
+        Workload::Store(options) => {
+            store::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
+        }
     };
     measure::report(&results);
     Ok(())
@@ -121,6 +128,12 @@ mod tests {
         assert!(
             Cli::try_parse_from(["eventpipe-bench", "log", "--bulk-concurrency", "17"]).is_err()
         );
+
+        let cli = Cli::try_parse_from(["eventpipe-bench", "store", "--records", "1000"]).unwrap();
+        let Workload::Store(options) = cli.workload else {
+            panic!("store expected");
+        };
+        assert_eq!((options.records, options.partitions), (1000, 6));
     }
 
     #[test]
