@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::measure::{
-    cpu_seconds, free_port, kill, peak_rss_mib, scrape, send_waiting, thread_cpu_seconds,
+    cpu_seconds, kill, peak_rss_mib, scrape, send_waiting, start_stage, thread_cpu_seconds,
     wait_for_metric, BenchResult, BenchTopics,
 };
 
@@ -517,16 +516,11 @@ async fn wait_for_last_emission(
 /// Closed windows are written along the way; the run then waits for the last windows (the idle
 /// timeout closes them) so the output can be checked, and reports that time separately.
 async fn stage_run(settings: &Settings, run: &StageRun<'_>) -> anyhow::Result<BenchResult> {
-    let port = free_port()?;
     let started = Instant::now();
-    let mut child = Command::new(run.eventpipe)
-        .args([
-            "--bootstrap-servers",
-            &settings.kafka.bootstrap_servers,
-            "--metrics-address",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "warn",
+    let (mut child, port) = start_stage(
+        run.eventpipe,
+        &settings.kafka,
+        &[
             "aggregate",
             "--storage-type",
             "kafka",
@@ -542,10 +536,8 @@ async fn stage_run(settings: &Settings, run: &StageRun<'_>) -> anyhow::Result<Be
             run.metrics_topic,
             "--idle-timeout-ms",
             &IDLE_TIMEOUT_MS.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
+        ],
+    )?;
     let pid = child.id();
     let consumed = wait_for_metric(
         &mut child,

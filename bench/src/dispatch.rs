@@ -599,5 +599,6 @@ async fn latency_run(
         peak_rss_mib: rss,
         ratio_to_baseline: None,
         latency_ms: Percentiles::of(&mut samples),
+        server_cpu_seconds_per_million: None,
     })
 }

@@ -3,23 +3,18 @@
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eventpipe::config::Settings;
-use eventpipe::kafka::client::create_client;
-use eventpipe::kafka::{ClientKind, PipelineContext};
 use eventpipe::log::bulk::ItemOutcome;
 use eventpipe::log::elasticsearch::Elasticsearch;
 use eventpipe::log::{document_lines, install_template, LogArgs, LogSettings};
 use futures::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::measure::{
-    cpu_seconds, free_port, kill, peak_rss_mib, preload_envelopes, wait_for_metric, BenchResult,
-    BenchTopics,
+    cpu_seconds, kill, peak_rss_mib, preload_envelopes, read_backlog, start_stage, wait_for_metric,
+    BenchResult, BenchTopics,
 };
 
 /// `eventpipe-bench log`: the backlog and the bulk settings shared by the stage and baselines.
@@ -194,34 +189,13 @@ fn write_bulk_file(
     n: u64,
     path: &Path,
 ) -> anyhow::Result<()> {
-    // librdkafka wants a group even for a manual assignment; nothing is committed.
-    let mut kafka = settings.kafka.clone();
-    kafka
-        .properties
-        .insert("group.id".into(), format!("{input}-bulk-file"));
-    let consumer: BaseConsumer<PipelineContext> =
-        create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment.add_partition_offset(input, partition, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
     let mut out = BufWriter::new(std::fs::File::create(path)?);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut written = 0;
-    while written < n {
-        anyhow::ensure!(Instant::now() < deadline, "read {written} of {n} records");
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message?;
-        let topic: std::sync::Arc<str> = input.into();
-        let record = eventpipe::stage::Record::from_message(&message, &topic);
-        if let Ok(lines) = document_lines(&record, record.payload, log) {
+    read_backlog(&settings.kafka, input, partitions, n, |record| {
+        if let Ok(lines) = document_lines(record, record.payload, log) {
             out.write_all(&lines)?;
         }
-        written += 1;
-    }
+        Ok(())
+    })?;
     out.flush()?;
     Ok(())
 }
@@ -315,18 +289,13 @@ async fn stage_run(
     group: &str,
     n: u64,
 ) -> anyhow::Result<BenchResult> {
-    let port = free_port()?;
     let started = Instant::now();
-    let mut child = Command::new(eventpipe)
-        .args([
-            "--bootstrap-servers",
-            &settings.kafka.bootstrap_servers,
+    let (mut child, port) = start_stage(
+        eventpipe,
+        &settings.kafka,
+        &[
             "--elasticsearch-url",
             settings.elasticsearch_url.as_str(),
-            "--metrics-address",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "warn",
             "log",
             "--input-topic",
             input,
@@ -340,9 +309,8 @@ async fn stage_run(
             &log.batch_size.to_string(),
             "--bulk-concurrency",
             &log.bulk_concurrency.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .spawn()?;
+        ],
+    )?;
     let done = wait_for_metric(
         &mut child,
         port,

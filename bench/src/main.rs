@@ -7,6 +7,7 @@ mod dispatch;
 mod history;
 mod log;
 mod measure;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,9 @@ enum Workload {
     /// The event store read back: "last 10" latency on a million events, a filtered range
     /// streamed (rows/s, peak RSS), and replay vs a raw produce of the same records.
     History(history::HistoryBenchOptions),
+    /// Rows per second of the event store into PostgreSQL vs one raw COPY of the same rows and a
+    /// services-style Python consumer with psycopg, each into a fresh database.
+    Store(store::StoreBenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,9 @@ async fn run(
         Workload::Broker(options) => broker::run(&settings, options).await?,
         Workload::History(options) => {
             history::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
+        }
+        Workload::Store(options) => {
+            store::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
         }
     };
     measure::report(&results);
@@ -128,6 +135,12 @@ mod tests {
         assert!(
             Cli::try_parse_from(["eventpipe-bench", "log", "--bulk-concurrency", "17"]).is_err()
         );
+
+        let cli = Cli::try_parse_from(["eventpipe-bench", "store", "--records", "1000"]).unwrap();
+        let Workload::Store(options) = cli.workload else {
+            panic!("store expected");
+        };
+        assert_eq!((options.records, options.partitions), (1000, 6));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Measurement helpers for benchmarks: process CPU time and peak memory from /proc, watermark
 //! polling to know when a topic has received N records, and the result line format.
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventpipe::codec::{Codec, SchemaName};
@@ -9,9 +11,11 @@ use eventpipe::config::KafkaSettings;
 use eventpipe::generate::{self, GenerateOptions, TrafficKind};
 use eventpipe::kafka::client::create_client;
 use eventpipe::kafka::{ClientKind, KafkaError, PipelineContext};
+use eventpipe::stage::Record;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +83,41 @@ pub async fn preload_envelopes_as(
     Ok(())
 }
 
+/// Reads the first `n` records of `topic` from the start of its `partitions` (a manual
+/// assignment: nothing is committed) and hands each to `each` as a stage sees it.
+pub fn read_backlog(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    n: u64,
+    mut each: impl FnMut(&Record<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // librdkafka wants a group even for a manual assignment.
+    let mut kafka = kafka.clone();
+    kafka
+        .properties
+        .insert("group.id".into(), format!("{topic}-backlog-reader"));
+    let consumer: BaseConsumer<PipelineContext> =
+        create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let name: Arc<str> = topic.into();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut read = 0;
+    while read < n {
+        anyhow::ensure!(Instant::now() < deadline, "read {read} of {n} records");
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        each(&Record::from_message(&message?, &name))?;
+        read += 1;
+    }
+    Ok(())
+}
+
 /// Sends one record, waiting while librdkafka's queue is full (the background thread drains it);
 /// any other error is returned.
 pub fn send_waiting<C: ProducerContext>(
@@ -116,6 +155,10 @@ pub struct BenchResult {
     pub ratio_to_baseline: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<Percentiles>,
+    /// CPU seconds per million records of the database server processes that served this
+    /// variant (PostgreSQL's backends), where the sink runs on this machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_seconds_per_million: Option<f64>,
 }
 
 impl BenchResult {
@@ -138,6 +181,7 @@ impl BenchResult {
             peak_rss_mib,
             ratio_to_baseline: None,
             latency_ms: None,
+            server_cpu_seconds_per_million: None,
         }
     }
 }
@@ -169,34 +213,47 @@ impl Percentiles {
     }
 }
 
-/// Prints the results as a table, then one JSON line each.
+/// Prints the results as a table, then one JSON line each. The server's CPU has a column only
+/// when some result measured it.
 pub fn report(results: &[BenchResult]) {
+    let server = results
+        .iter()
+        .any(|r| r.server_cpu_seconds_per_million.is_some());
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let server_column = |text: String| {
+        if server {
+            format!(" {text:>11}")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<10} {:<34} {:>10} {:>8} {:>11} {:>9} {:>9} {:>7} {:>28}",
+        "{:<10} {:<34} {:>10} {:>8} {:>11} {:>9}{} {:>9} {:>7} {:>28}",
         "BENCH",
         "VARIANT",
         "RECORDS",
         "SECONDS",
         "RECORDS/S",
         "CPU-S/M",
+        server_column("PG-CPU-S/M".into()),
         "RSS-MiB",
         "RATIO",
         "LATENCY ms p50/p90/p99/max"
     );
     for r in results {
-        let opt =
-            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         let latency = r.latency_ms.as_ref().map_or("-".to_string(), |l| {
             format!("{:.1}/{:.1}/{:.1}/{:.1}", l.p50, l.p90, l.p99, l.max)
         });
         println!(
-            "{:<10} {:<34} {:>10} {:>8.2} {:>11.0} {:>9} {:>9} {:>7} {:>28}",
+            "{:<10} {:<34} {:>10} {:>8.2} {:>11.0} {:>9}{} {:>9} {:>7} {:>28}",
             r.bench,
             r.variant,
             r.records,
             r.seconds,
             r.records_per_second,
             opt(r.cpu_seconds_per_million, 2),
+            server_column(opt(r.server_cpu_seconds_per_million, 2)),
             opt(r.peak_rss_mib, 1),
             opt(r.ratio_to_baseline, 3),
             latency
@@ -295,6 +352,31 @@ impl TopicWatcher {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Starts `eventpipe` with Kafka's address, warn-level logs and /metrics on a free port, then
+/// `args` (the stage and its flags); returns the child and its metrics port. Its standard output
+/// (the summary line a stop prints) is discarded: the benchmark prints its own.
+pub fn start_stage(
+    eventpipe: &Path,
+    kafka: &KafkaSettings,
+    args: &[&str],
+) -> anyhow::Result<(Child, u16)> {
+    let port = free_port()?;
+    let child = Command::new(eventpipe)
+        .args([
+            "--bootstrap-servers",
+            &kafka.bootstrap_servers,
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "warn",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok((child, port))
 }
 
 /// A free loopback port for a child's /metrics endpoint.

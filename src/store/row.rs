@@ -312,8 +312,8 @@ pub fn copy_rows<'a>(rows: impl IntoIterator<Item = &'a StoredRow>, out: &mut Ve
             Body::Raw { bytes, reason } => (None, Some(bytes.as_slice()), None, Some(reason)),
         };
         match value {
-            // Checked to be UTF-8 when the body was made.
-            Some(json) => copy_text(&String::from_utf8_lossy(json), out),
+            // Checked to be UTF-8 when the body was made: escaped as the bytes they are.
+            Some(json) => copy_escaped(json, out),
             None => null(out),
         }
         tab(out);
@@ -352,23 +352,65 @@ fn null(out: &mut Vec<u8>) {
     out.extend_from_slice(b"\\N");
 }
 
+/// RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`), digit by digit: two
+/// timestamps a row, written without an intermediate String.
 fn copy_time(time: DateTime<Utc>, out: &mut Vec<u8>) {
-    out.extend_from_slice(time.to_rfc3339_opts(SecondsFormat::Micros, true).as_bytes());
+    use chrono::Timelike;
+    let Ok(year @ 0..=9999) = u32::try_from(time.year()) else {
+        out.extend_from_slice(time.to_rfc3339_opts(SecondsFormat::Micros, true).as_bytes());
+        return;
+    };
+    let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+    };
+    digits(out, year, 4);
+    out.push(b'-');
+    digits(out, time.month(), 2);
+    out.push(b'-');
+    digits(out, time.day(), 2);
+    out.push(b'T');
+    digits(out, time.hour(), 2);
+    out.push(b':');
+    digits(out, time.minute(), 2);
+    out.push(b':');
+    digits(out, time.second(), 2);
+    out.push(b'.');
+    // A leap second's nanoseconds run past 1e9 (chrono prints it as second 60): only the
+    // fraction is written here.
+    digits(out, time.nanosecond() % 1_000_000_000 / 1_000, 6);
+    out.push(b'Z');
 }
 
 /// Text with COPY's escapes. PostgreSQL text cannot hold NUL: it becomes U+FFFD (only in text
 /// columns built from headers or the reason; values with NUL are kept raw).
 fn copy_text(text: &str, out: &mut Vec<u8>) {
-    for &byte in text.as_bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            0 => out.extend_from_slice("\u{fffd}".as_bytes()),
-            _ => out.push(byte),
+    copy_escaped(text.as_bytes(), out);
+}
+
+/// UTF-8 bytes with COPY's escapes, copied in runs between the bytes that need one (those are
+/// ASCII, so a run never splits a character).
+fn copy_escaped(bytes: &[u8], out: &mut Vec<u8>) {
+    out.reserve(bytes.len());
+    let mut run = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        if byte > b'\r' && byte != b'\\' {
+            continue;
         }
+        let escape: &[u8] = match byte {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            0 => "\u{fffd}".as_bytes(),
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..at]);
+        out.extend_from_slice(escape);
+        run = at + 1;
     }
+    out.extend_from_slice(&bytes[run..]);
 }
 
 /// bytea in hex form; its backslash escaped for COPY.
@@ -531,5 +573,37 @@ mod tests {
             r#"{"service":"l\\tk","action":"a\\\\b","payload":{"message":"x\\ny"}}"#
         );
         assert_eq!(fields[11], "json");
+    }
+
+    #[test]
+    fn times_and_escapes_are_written_as_chrono_and_the_byte_rules_would() {
+        let times = [
+            "2024-05-01T12:00:00.123456Z",
+            "0001-01-01T00:00:00Z",
+            "1970-01-01T00:00:00.000001Z",
+            "9999-12-31T23:59:59.999999999Z",
+        ];
+        for text in times {
+            let time: DateTime<Utc> = text.parse().unwrap();
+            let mut out = Vec::new();
+            copy_time(time, &mut out);
+            let expected = time.to_rfc3339_opts(SecondsFormat::Micros, true);
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+        // Outside four-digit years chrono's own form is kept.
+        let far = DateTime::from_timestamp(400_000_000_000, 0).unwrap();
+        let mut out = Vec::new();
+        copy_time(far, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            far.to_rfc3339_opts(SecondsFormat::Micros, true)
+        );
+
+        let mut out = Vec::new();
+        copy_escaped("é\\t\tx\u{1}\n\r\0ü".as_bytes(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "é\\\\t\\tx\u{1}\\n\\r\u{fffd}ü"
+        );
     }
 }
