@@ -165,7 +165,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// Compare the store with what a read_committed consumer finds in Kafka, per partition;
-    /// prints missing, unexpected and duplicated records by range, exits 1 on any.
+    /// prints missing, unexpected and duplicated records by range, exits 1 on any of them.
     Verify {
         /// Only these topics (repeatable or comma-separated); default: the stored topics.
         #[arg(long, value_delimiter = ',')]

@@ -50,4 +50,14 @@ pub fn describe() {
     for outcome in ["stored", "already_stored"] {
         metrics::counter!("eventpipe_store_rows_total", "outcome" => outcome).absolute(0);
     }
+    // Series that only failures move exist from the start: the first one shows in rate().
+    for counter in [
+        "eventpipe_store_raw_rows_total",
+        "eventpipe_store_refused_rows_total",
+        "eventpipe_store_replays_skipped_total",
+        "eventpipe_store_retries_total",
+        "eventpipe_store_partitions_dropped_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
 }
