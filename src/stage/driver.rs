@@ -370,7 +370,9 @@ impl Driver {
     }
 
     fn hold(&mut self, message: OwnedMessage, dependency: &'static str, reason: String) {
-        tracing::warn!(
+        // Debug only: a sink briefly behind holds records many times a second (backpressure);
+        // a hold that lasts is announced at warn when it pauses the assignment.
+        tracing::debug!(
             stage = self.spec.name,
             dependency,
             %reason,
@@ -436,7 +438,14 @@ impl Driver {
                         .as_ref()
                         .map(|h| (h.dependency, h.reason.as_str()))
                         .unwrap_or_default();
-                    tracing::warn!(stage = self.spec.name, dependency, reason, partitions = %super::context::describe(&assignment), "pausing consumption until the dependency is back (polling goes on)");
+                    tracing::warn!(
+                        stage = self.spec.name,
+                        dependency,
+                        reason,
+                        partitions = %super::context::describe(&assignment),
+                        "{} unavailable; waiting: consumption paused until it is back (polling goes on)",
+                        dependency.replace('_', " ")
+                    );
                     metrics::gauge!(format!("eventpipe_{}_paused", self.spec.name)).set(1.0);
                 }
                 self.paused = Some(assignment);
