@@ -632,8 +632,14 @@ impl Driver {
                 tracing::warn!(stage, %reason, inputs = transaction.inputs, "aborting transaction; its inputs will be processed again");
                 metrics::counter!(format!("eventpipe_{stage}_transactions_total"), "outcome" => "aborted").increment(1);
                 let producer = self.producer.clone();
-                blocking(move || producer.abort_transaction(TRANSACTION_TIMEOUT))
-                    .map_err(KafkaError::Client)?;
+                blocking(move || {
+                    // An abort that overtakes the registration of the transaction's partitions
+                    // can fail for good with INVALID_TXN_STATE (confluentinc/librdkafka#4849,
+                    // seen here on a revocation): let what was sent land first.
+                    let _ = producer.flush(TRANSACTION_TIMEOUT);
+                    producer.abort_transaction(TRANSACTION_TIMEOUT)
+                })
+                .map_err(KafkaError::Client)?;
                 self.rewind(&transaction.first);
             }
         }
