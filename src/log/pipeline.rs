@@ -18,10 +18,10 @@ use super::settings::LogSettings;
 use crate::codec::{available, Codec, RecordError};
 use crate::config::KafkaSettings;
 use crate::envelope::DecodeError;
-use crate::stage::batch::{BatchLimits, Batcher};
+use crate::stage::batch::{BatchLimits, Batcher, WriterHooks};
 use crate::stage::{
-    DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy, PartitionHooks, PartitionId,
-    Record, RecordHeaders, Stage, StageError, StageIo, StageSpec,
+    DeadLetter, DeadLetterTopic, Handled, InputTopics, OffsetPolicy, PartitionId, Record,
+    RecordHeaders, Stage, StageError, StageIo, StageSpec,
 };
 use crate::telemetry::Readiness;
 
@@ -134,19 +134,6 @@ pub fn stage_spec(kafka: &KafkaSettings, settings: &LogSettings) -> StageSpec {
     }
 }
 
-/// A revocation waits only for what the indexer holds: records still in a batch cannot
-/// progress while the runtime is in the rebalance callback; the next owner re-reads them and
-/// Elasticsearch answers 409 (the ids are deterministic).
-pub struct LogHooks {
-    handed: Arc<AtomicUsize>,
-}
-
-impl PartitionHooks for LogHooks {
-    fn outstanding(&self, _: &[PartitionId]) -> Option<usize> {
-        Some(self.handed.load(Ordering::Relaxed))
-    }
-}
-
 /// Runs the log stage until `shutdown` is cancelled or a document would be lost.
 pub async fn run(
     kafka: &KafkaSettings,
@@ -167,7 +154,7 @@ pub async fn run(
     crate::stage::run(
         kafka,
         stage_spec(kafka, settings),
-        Arc::new(LogHooks {
+        Arc::new(WriterHooks {
             handed: handed.clone(),
         }),
         readiness,

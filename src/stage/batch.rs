@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::StageError;
+use super::{PartitionHooks, PartitionId, StageError};
 
 /// When a batch is full (by count or bytes) or due (by age).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -242,6 +242,19 @@ impl<T: Send + 'static> Batcher<T> {
         }
         stopper.abort();
         self.check_writer()
+    }
+}
+
+/// The hooks of a stage whose records wait in a `Batcher`: a revocation waits only for what
+/// the writer holds (`handed`). Records still in a batch cannot progress while the runtime is in
+/// the rebalance callback; the next owner reads them again, and the stage's sink is idempotent.
+pub struct WriterHooks {
+    pub handed: Arc<AtomicUsize>,
+}
+
+impl PartitionHooks for WriterHooks {
+    fn outstanding(&self, _: &[PartitionId]) -> Option<usize> {
+        Some(self.handed.load(Ordering::Relaxed))
     }
 }
 

@@ -16,10 +16,10 @@ use super::writer::Writer;
 use crate::codec::{decode_with_writer_schema, CodecError, Registry};
 use crate::config::{CodecSettings, Format, KafkaSettings};
 use crate::log::bulk::Backoff;
-use crate::stage::batch::{BatchLimits, Batcher};
+use crate::stage::batch::{BatchLimits, Batcher, WriterHooks};
 use crate::stage::{
-    DeadLetterTopic, Handled, OffsetPolicy, PartitionHooks, PartitionId, Record, Stage, StageError,
-    StageIo, StageSpec,
+    DeadLetterTopic, Handled, OffsetPolicy, PartitionId, Record, Stage, StageError, StageIo,
+    StageSpec,
 };
 use crate::telemetry::Readiness;
 
@@ -79,18 +79,6 @@ pub fn stage_spec(kafka: &KafkaSettings, settings: &StoreSettings) -> StageSpec 
     }
 }
 
-/// A revocation waits for the rows being written; rows still in a batch are read again by the
-/// next owner (the coordinates are unique: a second copy is never stored).
-struct StoreHooks {
-    handed: Arc<AtomicUsize>,
-}
-
-impl PartitionHooks for StoreHooks {
-    fn outstanding(&self, _: &[PartitionId]) -> Option<usize> {
-        Some(self.handed.load(Ordering::Relaxed))
-    }
-}
-
 /// Runs the store until `shutdown`, or until PostgreSQL refuses a row in every form.
 pub async fn run(
     kafka: &KafkaSettings,
@@ -114,7 +102,7 @@ pub async fn run(
         max_age: settings.flush_interval,
     };
     let handed = Arc::new(AtomicUsize::new(0));
-    let hooks = Arc::new(StoreHooks {
+    let hooks = Arc::new(WriterHooks {
         handed: handed.clone(),
     });
     let result = crate::stage::run(
