@@ -1,0 +1,5 @@
+//! `eventpipe gateway`: the one authenticated entry point — events in over HTTP, live and durable
+//! subscriptions out over SSE and WebSocket, history over HTTP, and the admin API.
+
+pub mod auth;
+pub mod http;
