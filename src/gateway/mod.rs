@@ -2,4 +2,8 @@
 //! subscriptions out over SSE and WebSocket, history over HTTP, and the admin API.
 
 pub mod auth;
+pub mod cursor;
+pub mod event;
+pub mod fanout;
 pub mod http;
+pub mod settings;

@@ -128,35 +128,37 @@ pub struct StoredEvent {
     pub reason: Option<String>,
 }
 
-/// The JSON line of one event.
+/// The JSON of one event, as history lines and the gateway's frames show it (a live event, not
+/// yet stored, has no `seq`).
 #[derive(Serialize)]
-struct EventLine<'a> {
-    seq: i64,
-    topic: &'a str,
-    partition: i32,
-    offset: i64,
+pub struct EventLine<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
     /// A string when UTF-8, `{"hex": ...}` when not, null when none.
-    key: Option<serde_json::Value>,
+    pub key: Option<serde_json::Value>,
     /// Kafka time, RFC 3339 in milliseconds.
-    timestamp: String,
-    event_time: Option<String>,
-    service: &'a str,
-    action: &'a str,
-    headers: Option<&'a RawValue>,
-    value: Option<&'a RawValue>,
+    pub timestamp: String,
+    pub event_time: Option<String>,
+    pub service: &'a str,
+    pub action: &'a str,
+    pub headers: Option<&'a RawValue>,
+    pub value: Option<&'a RawValue>,
     /// Raw rows only: the bytes, as a key is shown.
     #[serde(skip_serializing_if = "Option::is_none")]
-    raw: Option<serde_json::Value>,
+    pub raw: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    format: &'a str,
-    schema_id: Option<i32>,
+    pub reason: Option<&'a str>,
+    pub format: &'a str,
+    pub schema_id: Option<i32>,
 }
 
 impl Serialize for StoredEvent {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         EventLine {
-            seq: self.seq,
+            seq: Some(self.seq),
             topic: &self.topic,
             partition: self.partition,
             offset: self.offset,
@@ -182,7 +184,8 @@ impl Serialize for StoredEvent {
 }
 
 /// The columns a chunk reads; jsonb as text (kept as it is, never parsed into a tree).
-const COLUMNS: &str = "seq, topic, kafka_partition, kafka_offset, key, kafka_time, event_time, \
+pub const COLUMNS: &str =
+    "seq, topic, kafka_partition, kafka_offset, key, kafka_time, event_time, \
      service, action, headers::text AS headers, value::text AS value, raw, format, schema_id, \
      reason";
 
@@ -193,7 +196,7 @@ fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, sqlx::Error> 
 }
 
 impl StoredEvent {
-    fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+    pub fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
         Ok(StoredEvent {
             seq: row.try_get("seq")?,
             topic: row.try_get("topic")?,

@@ -258,6 +258,37 @@ impl BatchWriter {
     }
 }
 
+/// An Avro topic's value as the store keeps it: decoded with its writer schema (its frame kept
+/// for replay), or raw with the reason when it cannot be read; `Err` only when the registry is
+/// unreachable (the record is fine, wait).
+pub async fn avro_body(
+    registry: &Registry,
+    payload: &[u8],
+    max_json_bytes: usize,
+) -> Result<Body, String> {
+    Ok(match decode_with_writer_schema(registry, payload).await {
+        Ok((schema_id, json)) => {
+            let json = json.to_string().into_bytes();
+            match json_problem(&json, max_json_bytes) {
+                None => Body::Avro {
+                    json,
+                    frame: payload.to_vec(),
+                    schema_id,
+                },
+                Some(reason) => Body::Raw {
+                    bytes: payload.to_vec(),
+                    reason,
+                },
+            }
+        }
+        Err(CodecError::Record(error)) => Body::Raw {
+            bytes: payload.to_vec(),
+            reason: format!("{}: {}", error.kind, error.reason),
+        },
+        Err(CodecError::Unavailable(reason)) => return Err(reason),
+    })
+}
+
 /// The store's state between records: the batches, and how to read Avro topics.
 pub struct StoreStage {
     batcher: Batcher<StoredRow>,
@@ -277,26 +308,9 @@ impl StoreStage {
                 reason: "no schema registry configured for an Avro topic".into(),
             });
         };
-        let body = match decode_with_writer_schema(registry, record.payload).await {
-            Ok((schema_id, json)) => {
-                let json = json.to_string().into_bytes();
-                match json_problem(&json, self.max_json_bytes) {
-                    None => Body::Avro {
-                        json,
-                        frame: record.payload.to_vec(),
-                        schema_id,
-                    },
-                    Some(reason) => Body::Raw {
-                        bytes: record.payload.to_vec(),
-                        reason,
-                    },
-                }
-            }
-            Err(CodecError::Record(error)) => Body::Raw {
-                bytes: record.payload.to_vec(),
-                reason: format!("{}: {}", error.kind, error.reason),
-            },
-            Err(CodecError::Unavailable(reason)) => {
+        let body = match avro_body(registry, record.payload, self.max_json_bytes).await {
+            Ok(body) => body,
+            Err(reason) => {
                 metrics::counter!("eventpipe_schema_registry_errors_total", "stage" => "store")
                     .increment(1);
                 return Err(StageError::Unavailable {
