@@ -14,6 +14,7 @@ use crate::config::{
 };
 use crate::dispatch::settings::FileDispatch;
 use crate::dispatch::{DispatchArgs, DispatchSettings};
+use crate::gateway::{FileGateway, GatewayArgs, GatewaySettings};
 use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::log::{FileLog, LogArgs, LogSettings};
 use crate::produce::{self, ProduceOptions};
@@ -71,6 +72,16 @@ pub enum Command {
         command: Option<StoreCommand>,
         #[command(flatten)]
         args: StoreArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// The one authenticated entry point: events in over HTTP, subscriptions out over SSE and
+    /// WebSocket (live, resumable by cursor), history over HTTP, the admin API.
+    Gateway {
+        #[command(flatten)]
+        args: GatewayArgs,
         #[command(flatten)]
         postgres: PostgresArgs,
         #[command(flatten)]
@@ -256,6 +267,9 @@ impl Command {
                 postgres,
                 metrics,
                 ..
+            }
+            | Command::Gateway {
+                postgres, metrics, ..
             } => (None, Some(postgres), Some(metrics)),
             Command::Store {
                 command: Some(StoreCommand::Verify { postgres, .. }),
@@ -309,6 +323,7 @@ fn check_stage_tables(settings: Settings) -> Result<Settings, ConfigError> {
     settings.file.table::<FileLog>()?;
     settings.file.table::<FileAggregate>()?;
     settings.file.table::<FileStore>()?;
+    settings.file.table::<FileGateway>()?;
     Ok(settings)
 }
 
@@ -425,6 +440,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let store = StoreSettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
             crate::store::run(&settings, store, readiness, shutdown).await
+        }
+        Command::Gateway { args, .. } => {
+            let gateway = GatewaySettings::load(&args, &settings)?;
+            let (readiness, shutdown) = start_stage(&settings).await?;
+            crate::gateway::run(&settings, gateway, readiness, shutdown).await
         }
         Command::History { selection, .. } => {
             crate::store::history::print(&settings, &selection).await

@@ -227,6 +227,54 @@ impl StoredEvent {
     }
 }
 
+/// Stored events of one partition with offsets in `[from, until)`, ascending, at most `limit`
+/// (the gateway's catch-up past what Kafka still holds).
+pub async fn by_offsets(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, HistoryError> {
+    let statement = format!(
+        "SELECT {COLUMNS} FROM events WHERE topic = $1 AND kafka_partition = $2 \
+         AND kafka_offset >= $3 AND kafka_offset < $4 ORDER BY kafka_offset LIMIT $5"
+    );
+    let rows = sqlx::query(&statement)
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(StoredEvent::from_row)
+        .collect::<Result<_, _>>()?)
+}
+
+/// The first stored offset of a partition below `before` whose Kafka time is at or after `time`.
+pub async fn first_offset_since(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    time: DateTime<Utc>,
+    before: i64,
+) -> Result<Option<i64>, HistoryError> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(kafka_offset) FROM events WHERE topic = $1 AND kafka_partition = $2 \
+         AND kafka_time >= $3 AND kafka_offset < $4",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(time)
+    .bind(before)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// A value bound to a query parameter.
 #[derive(Debug, Clone, PartialEq)]
 enum Bind {

@@ -1,6 +1,10 @@
 //! Who may call the gateway: the admin credential given at start-up, producer API keys bound to a
 //! service, and consumers scoped to the filters they may read; `Principal` is what a request is.
 
+pub mod authenticator;
+
+pub use authenticator::{routes, AuthError, Authenticator};
+
 use axum::http::HeaderMap;
 
 use crate::filter::{Filter, FilterSet, Part};

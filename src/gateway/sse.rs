@@ -1,0 +1,91 @@
+//! `GET /v1/stream`: a subscription as Server-Sent Events — the cursor as each frame's `id`, the
+//! action as its `event`, a `retry:` hint, keep-alive comments, and a last `disconnect` event.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+
+use crate::gateway::http::ApiError;
+use crate::gateway::session::Outgoing;
+use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::Gateway;
+
+/// How long a browser waits before reconnecting (the `retry:` hint).
+const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub async fn stream(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let query = StreamQuery::parse(&pairs)?;
+    let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
+    Ok(open(&gateway, request, &principal))
+}
+
+/// The SSE response of a session (also used by durable subscriptions).
+pub fn open(
+    gateway: &Arc<Gateway>,
+    request: crate::gateway::session::SessionRequest,
+    principal: &crate::gateway::auth::Principal,
+) -> Response {
+    let frames = streams::spawn(
+        gateway.sessions.clone(),
+        request,
+        &gateway.auth,
+        principal,
+        gateway.shutdown.clone(),
+    );
+    let gauge = ConnectionGauge::open("sse");
+    let mut first = true;
+    let events = stream::unfold((frames, gauge, false), move |(mut frames, gauge, ended)| {
+        let retry = std::mem::take(&mut first);
+        async move {
+            if ended {
+                return None;
+            }
+            let item = frames.recv().await?;
+            streams::count_frame("sse", &item);
+            let is_end = matches!(item, Outgoing::End { .. });
+            let mut event = frame(item);
+            if retry {
+                event = event.retry(RETRY);
+            }
+            Some((Ok::<_, Infallible>(event), (frames, gauge, is_end)))
+        }
+    });
+    let mut response = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(gateway.settings.keep_alive)
+                .text("keep-alive"),
+        )
+        .into_response();
+    // Proxies (nginx) must pass frames through as they come.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+fn frame(item: Outgoing) -> SseEvent {
+    match item {
+        Outgoing::Event { event, id } => SseEvent::default()
+            .id(id)
+            .event(event.event_name())
+            .data(&*event.json),
+        // An id with no data moves the browser's Last-Event-ID without firing an event.
+        Outgoing::Position { id } => SseEvent::default().id(id),
+        Outgoing::Notice { kind, message } => SseEvent::default()
+            .event("notice")
+            .data(serde_json::json!({ "kind": kind, "message": message }).to_string()),
+        Outgoing::End { code, reason } => SseEvent::default()
+            .event("disconnect")
+            .data(serde_json::json!({ "code": code, "reason": reason }).to_string()),
+    }
+}

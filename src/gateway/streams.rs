@@ -1,0 +1,165 @@
+//! What SSE and WebSocket streams share: reading a subscription request from the query string
+//! and headers, checking it against the caller's credential, and running its session in a task
+//! that ends it for the gateway's own reasons (shutdown, a revoked credential) with a last frame.
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::filter::FilterSet;
+use crate::gateway::auth::{Authenticator, Principal};
+use crate::gateway::cursor::Start;
+use crate::gateway::http::ApiError;
+use crate::gateway::session::{self, Outgoing, SessionContext, SessionRequest};
+
+/// Frames buffered between a session and its connection's writer; the real buffer is the
+/// session's live queue (`--client-queue`).
+const WRITER_QUEUE: usize = 16;
+
+/// The query parameters of a stream, in any order, repeatable where lists are allowed.
+#[derive(Debug, Default, Clone)]
+pub struct StreamQuery {
+    pub filters: Vec<String>,
+    pub topics: Vec<String>,
+    /// `from` (WebSocket and SSE) or `last_event_id` (SSE's first connect).
+    pub from: Option<String>,
+    pub ticket: Option<String>,
+}
+
+impl StreamQuery {
+    pub fn parse(pairs: &[(String, String)]) -> Result<StreamQuery, ApiError> {
+        let mut query = StreamQuery::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                "filter" => query.filters.push(value.clone()),
+                "topic" | "topics" => query.topics.extend(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(String::from),
+                ),
+                "from" | "last_event_id" | "lastEventId" => query.from = Some(value.clone()),
+                "ticket" => query.ticket = Some(value.clone()),
+                other => {
+                    return Err(ApiError::bad_request(
+                        "unknown_parameter",
+                        format!("unknown query parameter {other:?} (expected filter, topics, from, last_event_id, ticket)"),
+                    ))
+                }
+            }
+        }
+        Ok(query)
+    }
+}
+
+/// Reads and authorizes a stream request: who asks, and what for. A `Last-Event-ID` header (an
+/// SSE reconnect) wins over the query's start position.
+pub async fn authorize(
+    auth: &Authenticator,
+    served: &(dyn Fn(&str) -> bool + Sync),
+    headers: &HeaderMap,
+    query: &StreamQuery,
+) -> Result<(Principal, SessionRequest), ApiError> {
+    let principal = auth.authenticate(headers, query.ticket.as_deref()).await?;
+    let filters = if query.filters.is_empty() {
+        return Err(ApiError::bad_request(
+            "bad_filter",
+            "name what to receive with filter= (SERVICE:ACTION, either side *; *:* for everything)",
+        ));
+    } else {
+        FilterSet::parse(&query.filters)
+            .map_err(|e| ApiError::bad_request("bad_filter", e.to_string()))?
+    };
+    if let Some(unknown) = query.topics.iter().find(|t| !served(t)) {
+        return Err(ApiError::not_found(
+            "unknown_topic",
+            format!("topic {unknown} is not served by this gateway"),
+        ));
+    }
+    principal.may_read(&filters, &query.topics)?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let start = match last_event_id.or(query.from.as_deref()) {
+        Some(text) => {
+            Start::parse(text).map_err(|e| ApiError::bad_request("bad_cursor", e.to_string()))?
+        }
+        None => Start::Now,
+    };
+    Ok((
+        principal,
+        SessionRequest {
+            filters,
+            topics: query.topics.clone(),
+            start,
+        },
+    ))
+}
+
+/// Starts the session's task; its frames arrive on the returned receiver, the last one an
+/// `Outgoing::End` saying why (unless the client is gone).
+pub fn spawn(
+    context: Arc<SessionContext>,
+    request: SessionRequest,
+    auth: &Authenticator,
+    principal: &Principal,
+    shutdown: CancellationToken,
+) -> mpsc::Receiver<Outgoing> {
+    let (out, frames) = mpsc::channel(WRITER_QUEUE);
+    let revoked = auth.revoked(principal);
+    let principal_id = principal.id.clone();
+    tokio::spawn(async move {
+        let (code, reason) = tokio::select! {
+            ended = session::run(&context, request, out.clone()) => {
+                metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => ended.code()).increment(1);
+                (ended.code(), ended.reason().to_string())
+            }
+            _ = shutdown.cancelled() => ("shutdown", "the gateway is stopping; reconnect with your last event id to resume".to_string()),
+            _ = revoked => {
+                tracing::info!(credential = %principal_id, "closing a stream: its credential was revoked");
+                ("revoked", "the credential of this stream was revoked or expired".to_string())
+            }
+        };
+        // Best effort: a client that is gone or stuck gets no last word.
+        let _ = tokio::time::timeout(
+            context.write_timeout,
+            out.send(Outgoing::End { code, reason }),
+        )
+        .await;
+    });
+    frames
+}
+
+/// Counts a connection while it lives (`eventpipe_gateway_connections{transport}`).
+pub struct ConnectionGauge(&'static str);
+
+impl ConnectionGauge {
+    pub fn open(transport: &'static str) -> ConnectionGauge {
+        metrics::gauge!("eventpipe_gateway_connections", "transport" => transport).increment(1.0);
+        metrics::counter!("eventpipe_gateway_connections_opened_total", "transport" => transport)
+            .increment(1);
+        ConnectionGauge(transport)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("eventpipe_gateway_connections", "transport" => self.0).decrement(1.0);
+    }
+}
+
+/// Counts a frame written and, for an event, how long after its Kafka time it left.
+pub fn count_frame(transport: &'static str, item: &Outgoing) {
+    metrics::counter!("eventpipe_gateway_frames_sent_total", "transport" => transport).increment(1);
+    if let Outgoing::Event { event, .. } = item {
+        if let Some(ms) = event.timestamp_ms {
+            let now = chrono::Utc::now().timestamp_millis();
+            metrics::histogram!("eventpipe_gateway_delivery_latency_seconds", "transport" => transport)
+                .record((now - ms).max(0) as f64 / 1000.0);
+        }
+    }
+}

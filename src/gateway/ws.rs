@@ -1,0 +1,158 @@
+//! `GET /v1/ws`: a subscription over WebSocket — JSON text frames (`event`, `position`, `notice`,
+//! `disconnect`), pings at the keep-alive interval, and a close frame with the reason.
+//!
+//! The stream is one-way: a client that sends messages gets a policy close, one that stops
+//! reading is closed after the write timeout; either way its cursor resumes it.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use tokio::sync::mpsc;
+
+use crate::gateway::auth::Principal;
+use crate::gateway::http::ApiError;
+use crate::gateway::session::{Outgoing, SessionRequest};
+use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::Gateway;
+
+/// Largest message a client may send (it should send none).
+const MAX_CLIENT_MESSAGE: usize = 4096;
+
+/// Close codes (4000–4999 are the application's).
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_SLOW: u16 = 4008;
+const CLOSE_REVOKED: u16 = 4003;
+const CLOSE_UNAVAILABLE: u16 = 1011;
+
+pub async fn stream(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let query = StreamQuery::parse(&pairs)?;
+    let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
+    Ok(open(&gateway, upgrade, request, principal))
+}
+
+/// The WebSocket response of a session (also used by durable subscriptions).
+pub fn open(
+    gateway: &Arc<Gateway>,
+    upgrade: WebSocketUpgrade,
+    request: SessionRequest,
+    principal: Principal,
+) -> Response {
+    let gateway = gateway.clone();
+    upgrade
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let frames = streams::spawn(
+                gateway.sessions.clone(),
+                request,
+                &gateway.auth,
+                &principal,
+                gateway.shutdown.clone(),
+            );
+            serve(&gateway, socket, frames).await;
+        })
+}
+
+async fn serve(gateway: &Gateway, mut socket: WebSocket, mut frames: mpsc::Receiver<Outgoing>) {
+    let _gauge = ConnectionGauge::open("ws");
+    let timeout = gateway.settings.write_timeout;
+    let mut ping = tokio::time::interval(gateway.settings.keep_alive);
+    ping.tick().await;
+    loop {
+        let message = tokio::select! {
+            item = frames.recv() => match item {
+                Some(item) => {
+                    streams::count_frame("ws", &item);
+                    match item {
+                        Outgoing::End { code, reason } => {
+                            let _ = tokio::time::timeout(timeout, socket.send(Message::Text(end_json(code, &reason).into()))).await;
+                            close(&mut socket, close_code(code), &reason, timeout).await;
+                            return;
+                        }
+                        other => Message::Text(text(other).into()),
+                    }
+                }
+                None => return,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(Message::Pong(_) | Message::Ping(_))) => continue,
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "client_message").increment(1);
+                    close(&mut socket, CLOSE_POLICY, "this stream takes no messages from clients", timeout).await;
+                    return;
+                }
+            },
+        };
+        match tokio::time::timeout(timeout, socket.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "stalled")
+                    .increment(1);
+                return;
+            }
+        }
+    }
+}
+
+fn close_code(code: &str) -> u16 {
+    match code {
+        "slow" | "stalled" => CLOSE_SLOW,
+        "revoked" => CLOSE_REVOKED,
+        "shutdown" => CLOSE_GOING_AWAY,
+        _ => CLOSE_UNAVAILABLE,
+    }
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str, timeout: std::time::Duration) {
+    // A close reason is at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    };
+    let _ = tokio::time::timeout(timeout, socket.send(Message::Close(Some(frame)))).await;
+}
+
+fn end_json(code: &str, reason: &str) -> String {
+    serde_json::json!({ "type": "disconnect", "code": code, "reason": reason }).to_string()
+}
+
+/// One frame's text; an event's JSON is spliced in as it is (built once for every connection).
+fn text(item: Outgoing) -> String {
+    match item {
+        Outgoing::Event { event, id } => {
+            let name = serde_json::to_string(event.event_name()).unwrap_or_default();
+            let mut text = String::with_capacity(event.json.len() + id.len() + name.len() + 40);
+            text.push_str("{\"type\":\"event\",\"id\":\"");
+            text.push_str(&id);
+            text.push_str("\",\"event\":");
+            text.push_str(&name);
+            text.push_str(",\"data\":");
+            text.push_str(&event.json);
+            text.push('}');
+            text
+        }
+        Outgoing::Position { id } => {
+            serde_json::json!({ "type": "position", "id": id }).to_string()
+        }
+        Outgoing::Notice { kind, message } => {
+            serde_json::json!({ "type": "notice", "kind": kind, "message": message }).to_string()
+        }
+        Outgoing::End { code, reason } => end_json(code, &reason),
+    }
+}
