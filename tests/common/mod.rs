@@ -17,6 +17,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
+pub mod gateway;
+
 /// Settings as the stages would see them with `eval "$(scripts/stack env)"`.
 pub fn settings() -> Settings {
     let var = |name: &str| std::env::var(name).ok();
@@ -863,4 +865,30 @@ pub async fn produce_outgoing(settings: &Settings, records: &[Outgoing]) {
     for future in pending {
         future.await.expect("not cancelled").expect("delivered");
     }
+}
+
+/// Deletes the first `per_partition` records of every partition of `topic` (as retention would);
+/// returns how many records Kafka no longer holds.
+pub async fn delete_records_before(settings: &Settings, topic: &str, per_partition: i64) -> u64 {
+    let context = PipelineContext::default();
+    let admin: AdminClient<PipelineContext> =
+        create_client(&settings.kafka, ClientKind::Admin, context).unwrap();
+    let ends = end_offsets(settings, topic);
+    let mut offsets = TopicPartitionList::new();
+    let mut deleted = 0;
+    for (partition, end) in &ends {
+        let before = per_partition.min(*end);
+        deleted += before as u64;
+        offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(before))
+            .unwrap();
+    }
+    let result = admin
+        .delete_records(&offsets, &AdminOptions::new())
+        .await
+        .expect("records are deleted");
+    for element in result.elements() {
+        assert!(element.error().is_ok(), "{element:?}");
+    }
+    deleted
 }

@@ -1,0 +1,410 @@
+//! The gateway on the real stack: events posted over HTTP reach SSE and WebSocket subscribers of
+//! each of the five filter kinds exactly once and in order (checked against an independent read
+//! of Kafka); cursors resume across the catch-up/live boundary, across instances and a kill -9;
+//! slow clients are dropped and resume losing nothing; bad input gets a clear status.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::gateway::{
+    collect_events, envelope, Api, Client, Frame, GatewayProcess, SseClient, WsClient, ADMIN,
+};
+use common::{create_topic, fresh_database_url, read_to_end, settings, unique};
+use eventpipe::filter::FilterSet;
+use serde_json::Value;
+
+const SENDERS: [&str; 3] = ["lk", "arm", "ops"];
+const ACTIONS: [&str; 3] = ["create_user", "update_user", "run_task"];
+
+/// Two fresh topics of three partitions and a fresh database.
+async fn fixture(prefix: &str) -> (Vec<String>, String) {
+    let settings = settings();
+    let topics = vec![
+        unique(&format!("{prefix}-a")),
+        unique(&format!("{prefix}-b")),
+    ];
+    for topic in &topics {
+        create_topic(&settings, topic, 3).await;
+    }
+    let (_, url) = fresh_database_url(&settings).await;
+    (topics, url)
+}
+
+/// `count` envelopes over every sender × action, spread over the topics; posted in batches.
+async fn post_traffic(gateway: &Api, topics: &[String], count: u64, first: u64) {
+    let mut batches: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for n in first..first + count {
+        let service = SENDERS[(n % 3) as usize];
+        let action = ACTIONS[((n / 3) % 3) as usize];
+        let topic = &topics[(n % topics.len() as u64) as usize];
+        batches
+            .entry(topic)
+            .or_default()
+            .push(envelope(service, action, n % 17, n));
+    }
+    for (topic, lines) in batches {
+        for chunk in lines.chunks(200) {
+            let (status, answer) = gateway.post_lines(topic, chunk, ADMIN).await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["accepted"], chunk.len(), "{answer}");
+        }
+    }
+}
+
+/// What an independent reader finds in Kafka: `(topic, partition, offset)` of every record the
+/// filters select, by the envelope's own service and action.
+fn independently_selected(topics: &[String], filters: &FilterSet) -> HashSet<(String, i64, i64)> {
+    let settings = settings();
+    let mut selected = HashSet::new();
+    for topic in topics {
+        for message in read_to_end(&settings, topic) {
+            let value = common::json(&message);
+            let (service, action) = (
+                value["service"].as_str().unwrap_or_default(),
+                value["action"].as_str().unwrap_or_default(),
+            );
+            if filters.matches(service, action) {
+                use rdkafka::Message;
+                selected.insert((topic.clone(), message.partition() as i64, message.offset()));
+            }
+        }
+    }
+    selected
+}
+
+fn coordinates(frames: &[Frame]) -> HashSet<(String, i64, i64)> {
+    frames.iter().map(Frame::coordinates).collect()
+}
+
+/// The five subscription kinds of the services' plan, as query strings and filter sets.
+fn five_kinds() -> Vec<(&'static str, FilterSet)> {
+    [
+        ("filter=lk:*", vec!["lk:*"]),
+        (
+            "filter=*:create_user&filter=*:update_user",
+            vec!["*:create_user", "*:update_user"],
+        ),
+        (
+            "filter=lk:create_user,arm:update_user",
+            vec!["lk:create_user", "arm:update_user"],
+        ),
+        ("filter=lk:*&filter=arm:*", vec!["lk:*", "arm:*"]),
+        ("filter=*:*", vec!["*:*"]),
+    ]
+    .into_iter()
+    .map(|(query, filters)| (query, FilterSet::parse(&filters).unwrap()))
+    .collect()
+}
+
+#[tokio::test]
+async fn each_filter_kind_receives_exactly_what_it_selects_over_sse_and_websocket() {
+    let (topics, database) = fixture("gw-kinds").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let mut clients = Vec::new();
+    for (query, filters) in five_kinds() {
+        let mut sse = Client::Sse(gateway.sse(query, None, ADMIN).await);
+        sse.started().await;
+        let mut ws = Client::Ws(gateway.ws(query, ADMIN).await);
+        ws.started().await;
+        clients.push((query, filters.clone(), sse));
+        clients.push((query, filters, ws));
+    }
+    post_traffic(&gateway, &topics, 600, 0).await;
+    for (query, filters, client) in &mut clients {
+        let expected = independently_selected(&topics, filters);
+        assert!(!expected.is_empty());
+        let frames = collect_events(client, expected.len()).await;
+        assert_eq!(coordinates(&frames), expected, "{query}");
+        for frame in &frames {
+            let value = &frame.data["value"];
+            assert_eq!(frame.event, value["action"], "the event name is the action");
+            assert_eq!(frame.data["service"], value["service"]);
+            assert!(frame.id.is_some(), "every event frame is resumable");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_reconnecting_with_its_cursor_misses_nothing_and_gets_nothing_twice() {
+    let (topics, database) = fixture("gw-resume").await;
+    // A small queue: a reconnect after a few hundred events catches up before it joins live.
+    let gateway = GatewayProcess::start(&topics, &database, &["--client-queue", "64"]).await;
+    let total = 1500u64;
+    let filters = FilterSet::parse(&["lk:*", "arm:*"]).unwrap();
+    let mut client = Client::Sse(gateway.sse("filter=lk:*,arm:*", None, ADMIN).await);
+    client.started().await;
+    let traffic = {
+        let topics = topics.clone();
+        let base = gateway.base.clone();
+        tokio::spawn(async move {
+            let poster = Api { base };
+            for round in 0..15 {
+                post_traffic(&poster, &topics, 100, round * 100).await;
+            }
+        })
+    };
+    // Disconnect and resume, alternating transports, while the traffic flows.
+    let mut received: Vec<Frame> = Vec::new();
+    let expected_total = (0..total).filter(|n| n % 3 != 2).count();
+    let mut round = 0;
+    while received.len() < expected_total {
+        let want = (expected_total - received.len()).min(137);
+        let frames = collect_events(&mut client, want).await;
+        received.extend(frames);
+        let cursor = client.last_id().expect("an id to resume from");
+        round += 1;
+        client = if round % 2 == 0 {
+            Client::Sse(gateway.sse("filter=lk:*,arm:*", Some(&cursor), ADMIN).await)
+        } else {
+            Client::Ws(
+                gateway
+                    .ws(&format!("filter=lk:*,arm:*&from={cursor}"), ADMIN)
+                    .await,
+            )
+        };
+    }
+    traffic.await.unwrap();
+    let expected = independently_selected(&topics, &filters);
+    assert_eq!(expected.len(), expected_total);
+    let got = coordinates(&received);
+    assert_eq!(
+        got.len(),
+        received.len(),
+        "nothing twice across {round} reconnects"
+    );
+    assert_eq!(got, expected, "nothing missing across {round} reconnects");
+}
+
+#[tokio::test]
+async fn a_client_moves_to_another_instance_after_a_kill_9_and_misses_nothing() {
+    let (topics, database) = fixture("gw-kill").await;
+    let first = GatewayProcess::start(&topics, &database, &[]).await;
+    let second = GatewayProcess::start(&topics, &database, &[]).await;
+    let mut client = Client::Ws(first.ws("filter=*:*", ADMIN).await);
+    client.started().await;
+    post_traffic(&first, &topics, 300, 0).await;
+    let before = collect_events(&mut client, 120).await;
+    let cursor = client.last_id().unwrap();
+    first.process.kill9();
+    post_traffic(&second, &topics, 300, 300).await;
+    let mut client = Client::Sse(second.sse("filter=*:*", Some(&cursor), ADMIN).await);
+    let after = collect_events(&mut client, 600 - 120).await;
+    let mut all = coordinates(&before);
+    for coordinate in coordinates(&after) {
+        assert!(all.insert(coordinate.clone()), "{coordinate:?} twice");
+    }
+    assert_eq!(
+        all,
+        independently_selected(&topics, &FilterSet::everything())
+    );
+}
+
+#[tokio::test]
+async fn a_slow_client_is_dropped_with_a_reason_and_resumes_losing_nothing() {
+    let (topics, database) = fixture("gw-slow").await;
+    let gateway = GatewayProcess::start(&topics, &database, &["--client-queue", "16"]).await;
+    let mut client = Client::Ws(gateway.ws("filter=*:*", ADMIN).await);
+    client.started().await;
+    // The client reads nothing while 6,000 events (about 3 MB of frames) pass.
+    post_traffic(&gateway, &topics, 6000, 0).await;
+    let mut received = Vec::new();
+    let mut reason = None;
+    while let Some(frame) = client.next().await {
+        match frame.kind.as_str() {
+            "event" => received.push(frame),
+            "disconnect" => reason = Some(frame.data.clone()),
+            _ => {}
+        }
+    }
+    let reason = reason.expect("a disconnect frame before the close");
+    assert_eq!(reason["code"], "slow", "{reason}");
+    let Client::Ws(ws) = &client else {
+        unreachable!()
+    };
+    assert_eq!(
+        ws.closed.as_ref().map(|c| c.0),
+        Some(4008),
+        "{:?}",
+        ws.closed
+    );
+    assert!(received.len() < 6000, "it was dropped before the end");
+    let cursor = client.last_id().unwrap();
+    let mut client = Client::Sse(gateway.sse("filter=*:*", Some(&cursor), ADMIN).await);
+    let rest = collect_events(&mut client, 6000 - received.len()).await;
+    let mut all = coordinates(&received);
+    for coordinate in coordinates(&rest) {
+        assert!(all.insert(coordinate.clone()), "{coordinate:?} twice");
+    }
+    assert_eq!(all.len(), 6000);
+    let metrics = gateway.process.metrics().await;
+    assert!(
+        common::metric_value(
+            &metrics,
+            "eventpipe_gateway_clients_dropped_total",
+            &["reason=\"slow\""]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
+    let (topics, database) = fixture("gw-bad").await;
+    let gateway = GatewayProcess::start(&topics, &database, &["--max-body-bytes", "65536"]).await;
+    let topic = &topics[0];
+    let line = envelope("lk", "create_user", 1, 1);
+    // No credential, a made-up one.
+    for token in ["", "ep_made_up_secret"] {
+        let (status, answer) = gateway.post_lines(topic, &[line.clone()], token).await;
+        assert_eq!(status, 401, "{answer}");
+        let sse = SseClient::connect(&gateway.url("/v1/stream?filter=*:*"), None, token).await;
+        assert_eq!(sse.status, 401, "{}", sse.error_body);
+        let ws = WsClient::try_connect(
+            &format!("{}/v1/ws?filter=*:*", gateway.base.replace("http", "ws")),
+            token,
+        )
+        .await;
+        assert!(ws.is_err(), "a stranger's WebSocket is refused");
+    }
+    // An unknown topic, a bad filter, a bad cursor, an unknown parameter.
+    let (status, answer) = gateway
+        .post_lines("no-such-topic", &[line.clone()], ADMIN)
+        .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("unknown_topic")),
+        "{answer}"
+    );
+    for (query, code) in [
+        ("filter=lk", "bad_filter"),
+        ("filter=a:b:c", "bad_filter"),
+        ("", "bad_filter"),
+        ("filter=*:*&from=not-a-cursor", "bad_cursor"),
+        ("filter=*:*&colour=red", "unknown_parameter"),
+        ("filter=*:*&topics=elsewhere", "unknown_topic"),
+    ] {
+        let sse =
+            SseClient::connect(&gateway.url(&format!("/v1/stream?{query}")), None, ADMIN).await;
+        let body: Value = serde_json::from_str(&sse.error_body).unwrap_or(Value::Null);
+        assert_eq!(body["error"], code, "{query}: {}", sse.error_body);
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // A batch reports each line: good ones in, bad ones with their reason.
+    let lines = vec![
+        line.clone(),
+        "{not json".to_string(),
+        r#"{"service":"lk","action":"","payload":{"message":"m","timestamp":"t"}}"#.to_string(),
+        r#"{"service":"lk","action":"x","payload":{"message":1,"timestamp":"t"}}"#.to_string(),
+        envelope("lk", "update_user", 2, 2),
+    ];
+    let (status, answer) = gateway.post_lines(topic, &lines, ADMIN).await;
+    assert_eq!(status, 207, "{answer}");
+    let statuses: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 400, 400, 400, 200], "{answer}");
+    assert_eq!(answer["results"][1]["error"], "malformed_json");
+    assert!(
+        answer["results"][3]["message"]
+            .as_str()
+            .unwrap()
+            .contains("message"),
+        "{answer}"
+    );
+    // Exactly the two good lines are in Kafka.
+    let stored = read_to_end(&settings(), topic);
+    assert_eq!(stored.len(), 2);
+    // Oversized bodies and non-UTF-8.
+    let big = "x".repeat(70_000);
+    let response = reqwest::Client::new()
+        .post(gateway.url(&format!("/v1/topics/{topic}/events")))
+        .bearer_auth(ADMIN)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let response = reqwest::Client::new()
+        .post(gateway.url(&format!("/v1/topics/{topic}/events")))
+        .bearer_auth(ADMIN)
+        .body(vec![0xff, 0xfe, b'{'])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    // A WebSocket client that sends messages is closed with a policy reason; others go on.
+    let mut talker = gateway.ws("filter=*:*", ADMIN).await;
+    let mut listener = Client::Ws(gateway.ws("filter=*:*", ADMIN).await);
+    listener.started().await;
+    talker.send_text("garbage").await;
+    while talker.next().await.is_some() {}
+    assert_eq!(
+        talker.closed.as_ref().map(|c| c.0),
+        Some(1008),
+        "{:?}",
+        talker.closed
+    );
+    let (status, _) = gateway
+        .post_lines(topic, &[envelope("arm", "x", 3, 3)], ADMIN)
+        .await;
+    assert_eq!(status, 200);
+    let frames = collect_events(&mut listener, 1).await;
+    assert_eq!(frames[0].data["service"], "arm");
+}
+
+#[tokio::test]
+async fn a_position_older_than_kafka_holds_is_caught_up_from_the_event_store() {
+    let (topics, database) = fixture("gw-store").await;
+    let topics = vec![topics[0].clone()];
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let mut client = Client::Sse(gateway.sse("filter=*:*", None, ADMIN).await);
+    let start = client.started().await;
+    post_traffic(&gateway, &topics, 90, 0).await;
+    collect_events(&mut client, 90).await;
+    // The store keeps everything; then Kafka forgets the first records of every partition.
+    let store = common::StageProcess::start(
+        &[
+            "store",
+            "--topics",
+            &topics[0],
+            "--postgres-url",
+            &database,
+            "--group-id",
+            &unique("gw-store"),
+        ],
+        &[],
+    );
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    common::wait_until(Duration::from_secs(60), "90 stored events", async || {
+        let count: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&pool)
+            .await;
+        match count {
+            Ok(90) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    drop(store);
+    let deleted = common::delete_records_before(&settings(), &topics[0], 20).await;
+    assert!(deleted > 0);
+    let mut client = Client::Sse(gateway.sse("filter=*:*", Some(&start), ADMIN).await);
+    let frames = collect_events(&mut client, 90).await;
+    assert_eq!(
+        coordinates(&frames).len(),
+        90,
+        "every event, the forgotten ones from the store"
+    );
+    let from_store = frames.iter().filter(|f| f.data["seq"].is_i64()).count();
+    assert_eq!(
+        from_store as u64, deleted,
+        "the records Kafka no longer holds came from the store"
+    );
+}
