@@ -1,8 +1,10 @@
 //! Who may call the gateway: the admin credential given at start-up, producer API keys bound to a
 //! service, and consumers scoped to the filters they may read; `Principal` is what a request is.
 
+pub mod credentials;
 pub mod schema;
 pub mod secret;
+pub mod snapshot;
 
 use axum::http::HeaderMap;
 
