@@ -1,10 +1,13 @@
 //! Who may call the gateway: the admin credential given at start-up, producer API keys bound to a
 //! service, and consumers scoped to the filters they may read; `Principal` is what a request is.
 
+pub mod authenticator;
 pub mod credentials;
 pub mod schema;
 pub mod secret;
 pub mod snapshot;
+
+pub use authenticator::{AuthError, AuthOptions, Authenticator, Proof};
 
 use axum::http::HeaderMap;
 
