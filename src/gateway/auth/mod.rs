@@ -1,13 +1,20 @@
 //! Who may call the gateway: the admin credential given at start-up, producer API keys bound to a
 //! service, and consumers scoped to the filters they may read; `Principal` is what a request is.
+//!
+//! Credentials live in PostgreSQL (`credentials`, `schema`); every gateway instance holds a
+//! snapshot of them in memory (`snapshot`) that its `Authenticator` refreshes when the change
+//! counter moves, so a request costs no database round trip and a revocation reaches every
+//! instance within a second. `routes` is the admin API and the browsers' tickets and sessions.
 
 pub mod authenticator;
 pub mod credentials;
+pub mod routes;
 pub mod schema;
 pub mod secret;
 pub mod snapshot;
 
 pub use authenticator::{AuthError, AuthOptions, Authenticator, Proof};
+pub use routes::{routes, AdminCaller, Caller};
 
 use axum::http::HeaderMap;
 
