@@ -4,9 +4,11 @@
 //! Credentials live in PostgreSQL (`credentials`, `schema`); every gateway instance holds a
 //! snapshot of them in memory (`snapshot`) that its `Authenticator` refreshes when the change
 //! counter moves, so a request costs no database round trip and a revocation reaches every
-//! instance within a second. `routes` is the admin API and the browsers' tickets and sessions.
+//! instance within a second. `routes` is the admin API and the browsers' tickets and sessions;
+//! `cli` the same operations straight on PostgreSQL.
 
 pub mod authenticator;
+pub mod cli;
 pub mod credentials;
 pub mod routes;
 pub mod schema;
