@@ -32,6 +32,8 @@ pub const SESSION_COOKIE: &str = "ep_session";
 /// Verified logins and looked-up tickets remembered per snapshot version, at most; a full cache
 /// starts over (a flood of distinct credentials costs lookups, not memory).
 const CACHE_CAPACITY: usize = 10_000;
+/// The shortest polling period of the change counter.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
 /// How often expired tickets and sessions are deleted, and how long after expiry they are kept
 /// (so a late request hears "expired" rather than "unknown").
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
@@ -205,6 +207,7 @@ impl Authenticator {
         Self::start_with(pool, admin_token, AuthOptions::default(), shutdown).await
     }
 
+    /// Like [`Authenticator::start`], with other timings (tests shorten the ticket's life).
     pub async fn start_with(
         pool: PgPool,
         admin_token: Option<String>,
@@ -581,7 +584,13 @@ fn until(at: DateTime<Utc>) -> Duration {
 async fn refresh(auth: Authenticator) {
     let shutdown = auth.inner.shutdown.clone();
     let pool = auth.inner.pool.clone();
-    let mut ticker = tokio::time::interval(auth.inner.options.refresh_interval);
+    // A zero period would make `interval` panic (and poll PostgreSQL in a busy loop).
+    let period = auth
+        .inner
+        .options
+        .refresh_interval
+        .max(MIN_REFRESH_INTERVAL);
+    let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = false;
     let mut next_purge = Instant::now() + PURGE_INTERVAL;
