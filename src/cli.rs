@@ -171,6 +171,20 @@ pub enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// The gateway's users (password, the filters they may read), straight on PostgreSQL.
+    Users {
+        #[command(subcommand)]
+        command: crate::gateway::auth::cli::UsersCommand,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
+    /// The gateway's API keys (producer: bound to a service; consumer: under a user).
+    Keys {
+        #[command(subcommand)]
+        command: crate::gateway::auth::cli::KeysCommand,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,7 +290,9 @@ impl Command {
                 ..
             }
             | Command::History { postgres, .. }
-            | Command::Replay { postgres, .. } => (None, Some(postgres), None),
+            | Command::Replay { postgres, .. }
+            | Command::Users { postgres, .. }
+            | Command::Keys { postgres, .. } => (None, Some(postgres), None),
             Command::Check {
                 elasticsearch,
                 postgres,
@@ -544,6 +560,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             SchemasCommand::Register { args } => run_schemas(&settings, &args, true).await,
             SchemasCommand::Check { args } => run_schemas(&settings, &args, false).await,
         },
+        Command::Users { command, .. } => {
+            crate::gateway::auth::cli::run_users(command, &settings).await
+        }
+        Command::Keys { command, .. } => {
+            crate::gateway::auth::cli::run_keys(command, &settings).await
+        }
     }
 }
 

@@ -106,7 +106,7 @@ async fn each_filter_kind_receives_exactly_what_it_selects_over_sse_and_websocke
     for (query, filters) in five_kinds() {
         let mut sse = Client::Sse(gateway.sse(query, None, ADMIN).await);
         sse.started().await;
-        let mut ws = Client::Ws(gateway.ws(query, ADMIN).await);
+        let mut ws = Client::Ws(Box::new(gateway.ws(query, ADMIN).await));
         ws.started().await;
         clients.push((query, filters.clone(), sse));
         clients.push((query, filters, ws));
@@ -158,11 +158,11 @@ async fn a_client_reconnecting_with_its_cursor_misses_nothing_and_gets_nothing_t
         client = if round % 2 == 0 {
             Client::Sse(gateway.sse("filter=lk:*,arm:*", Some(&cursor), ADMIN).await)
         } else {
-            Client::Ws(
+            Client::Ws(Box::new(
                 gateway
                     .ws(&format!("filter=lk:*,arm:*&from={cursor}"), ADMIN)
                     .await,
-            )
+            ))
         };
     }
     traffic.await.unwrap();
@@ -182,7 +182,7 @@ async fn a_client_moves_to_another_instance_after_a_kill_9_and_misses_nothing() 
     let (topics, database) = fixture("gw-kill").await;
     let first = GatewayProcess::start(&topics, &database, &[]).await;
     let second = GatewayProcess::start(&topics, &database, &[]).await;
-    let mut client = Client::Ws(first.ws("filter=*:*", ADMIN).await);
+    let mut client = Client::Ws(Box::new(first.ws("filter=*:*", ADMIN).await));
     client.started().await;
     post_traffic(&first, &topics, 300, 0).await;
     let before = collect_events(&mut client, 120).await;
@@ -205,7 +205,7 @@ async fn a_client_moves_to_another_instance_after_a_kill_9_and_misses_nothing() 
 async fn a_slow_client_is_dropped_with_a_reason_and_resumes_losing_nothing() {
     let (topics, database) = fixture("gw-slow").await;
     let gateway = GatewayProcess::start(&topics, &database, &["--client-queue", "16"]).await;
-    let mut client = Client::Ws(gateway.ws("filter=*:*", ADMIN).await);
+    let mut client = Client::Ws(Box::new(gateway.ws("filter=*:*", ADMIN).await));
     client.started().await;
     // The client reads nothing while 6,000 events (about 3 MB of frames) pass.
     post_traffic(&gateway, &topics, 6000, 0).await;
@@ -341,7 +341,7 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
     assert_eq!(response.status(), 400);
     // A WebSocket client that sends messages is closed with a policy reason; others go on.
     let mut talker = gateway.ws("filter=*:*", ADMIN).await;
-    let mut listener = Client::Ws(gateway.ws("filter=*:*", ADMIN).await);
+    let mut listener = Client::Ws(Box::new(gateway.ws("filter=*:*", ADMIN).await));
     listener.started().await;
     talker.send_text("garbage").await;
     while talker.next().await.is_some() {}

@@ -301,7 +301,7 @@ impl WsClient {
 /// A client of either transport.
 pub enum Client {
     Sse(SseClient),
-    Ws(WsClient),
+    Ws(Box<WsClient>),
 }
 
 impl Client {

@@ -1,9 +1,22 @@
 //! Who may call the gateway: the admin credential given at start-up, producer API keys bound to a
 //! service, and consumers scoped to the filters they may read; `Principal` is what a request is.
+//!
+//! Credentials live in PostgreSQL (`credentials`, `schema`); every gateway instance holds a
+//! snapshot of them in memory (`snapshot`) that its `Authenticator` refreshes when the change
+//! counter moves, so a request costs no database round trip and a revocation reaches every
+//! instance within a second. `routes` is the admin API and the browsers' tickets and sessions;
+//! `cli` the same operations straight on PostgreSQL.
 
 pub mod authenticator;
+pub mod cli;
+pub mod credentials;
+pub mod routes;
+pub mod schema;
+pub mod secret;
+pub mod snapshot;
 
-pub use authenticator::{routes, AuthError, Authenticator};
+pub use authenticator::{AuthError, AuthOptions, Authenticator, Proof};
+pub use routes::{routes, AdminCaller, Caller};
 
 use axum::http::HeaderMap;
 
@@ -123,6 +136,70 @@ pub fn covers(allowed: &FilterSet, requested: &Filter) -> bool {
     })
 }
 
+/// Which stored credential a principal stands for: what a ticket is issued for and what
+/// `Authenticator::revoked` watches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CredentialRef {
+    /// The admin token given at start-up.
+    Admin,
+    /// An API key, by id.
+    Key(String),
+    /// A user logged in with their password (Basic or a session), by name.
+    User(String),
+}
+
+impl CredentialRef {
+    /// The credential behind `principal`. A consumer principal is its user's own when its id is
+    /// the user's name; a consumer key's id never is (`credentials::issue_key` sees to that).
+    pub fn of(principal: &Principal) -> CredentialRef {
+        match &principal.kind {
+            PrincipalKind::Admin => CredentialRef::Admin,
+            PrincipalKind::Consumer { user, .. } if *user == principal.id => {
+                CredentialRef::User(user.clone())
+            }
+            _ => CredentialRef::Key(principal.id.clone()),
+        }
+    }
+}
+
+/// The events both `a` and `b` select, as filters (`None`: no event). `lk:*` and `*:create_user`
+/// share exactly `lk:create_user`.
+pub fn intersect(a: &FilterSet, b: &FilterSet) -> Option<FilterSet> {
+    fn part(a: &Part, b: &Part) -> Option<Part> {
+        match (a, b) {
+            (Part::Any, other) | (other, Part::Any) => Some(other.clone()),
+            (Part::Name(x), Part::Name(y)) => (x == y).then(|| a.clone()),
+        }
+    }
+    let shared: Vec<String> = a
+        .filters()
+        .iter()
+        .flat_map(|x| b.filters().iter().map(move |y| (x, y)))
+        .filter_map(|(x, y)| {
+            let filter = Filter {
+                service: part(&x.service, &y.service)?,
+                action: part(&x.action, &y.action)?,
+            };
+            Some(filter.to_string())
+        })
+        .collect();
+    // FilterSet is built only by its parser (which also drops repeats); the texts are
+    // Display of parsed filters, so they parse back.
+    FilterSet::parse(&shared).ok()
+}
+
+/// The topics both lists allow, where empty means any (`None`: no topic at all).
+pub fn intersect_topics(a: &[String], b: &[String]) -> Option<Vec<String>> {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => Some(b.to_vec()),
+        (_, true) => Some(a.to_vec()),
+        _ => {
+            let shared: Vec<String> = a.iter().filter(|t| b.contains(t)).cloned().collect();
+            (!shared.is_empty()).then_some(shared)
+        }
+    }
+}
+
 /// The credential a request carries: `Authorization: Bearer <key>` (or `X-Api-Key`), or a
 /// browser's short-lived `ticket` query parameter.
 pub fn presented_secret<'a>(headers: &'a HeaderMap, ticket: Option<&'a str>) -> Option<&'a str> {
@@ -173,6 +250,59 @@ mod tests {
         }
         let everything = consumer(&["*:*"]);
         assert!(everything.may_read(&FilterSet::everything(), &[]).is_ok());
+    }
+
+    #[test]
+    fn intersections_select_exactly_what_both_sides_select() {
+        let set = |filters: &[&str]| FilterSet::parse(filters).unwrap();
+        let shown = |s: Option<FilterSet>| s.map(|s| s.to_string());
+        assert_eq!(
+            shown(intersect(&set(&["lk:*"]), &set(&["*:create_user"]))),
+            Some("lk:create_user".into())
+        );
+        assert_eq!(
+            shown(intersect(&set(&["*:*"]), &set(&["lk:*", "arm:x"]))),
+            Some("lk:*,arm:x".into())
+        );
+        assert_eq!(
+            shown(intersect(&set(&["lk:*", "*:x"]), &set(&["lk:x"]))),
+            Some("lk:x".into())
+        );
+        assert_eq!(intersect(&set(&["lk:*"]), &set(&["arm:*"])), None);
+        // Every event the intersection selects, both sides select.
+        let (a, b) = (set(&["lk:*", "*:update_user"]), set(&["*:*"]));
+        let both = intersect(&a, &b).unwrap();
+        for f in both.filters() {
+            assert!(covers(&a, f) && covers(&b, f), "{f}");
+        }
+    }
+
+    #[test]
+    fn topic_intersections_read_empty_as_any() {
+        let list = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(intersect_topics(&[], &list(&["a"])), Some(list(&["a"])));
+        assert_eq!(
+            intersect_topics(&list(&["a", "b"]), &[]),
+            Some(list(&["a", "b"]))
+        );
+        assert_eq!(
+            intersect_topics(&list(&["a", "b"]), &list(&["b", "c"])),
+            Some(list(&["b"]))
+        );
+        assert_eq!(intersect_topics(&list(&["a"]), &list(&["c"])), None);
+        assert_eq!(intersect_topics(&[], &[]), Some(vec![]));
+    }
+
+    #[test]
+    fn a_principal_names_the_credential_behind_it() {
+        assert_eq!(CredentialRef::of(&Principal::admin()), CredentialRef::Admin);
+        let mut user = consumer(&["lk:*"]);
+        user.id = "u".into();
+        assert_eq!(CredentialRef::of(&user), CredentialRef::User("u".into()));
+        assert_eq!(
+            CredentialRef::of(&consumer(&["lk:*"])),
+            CredentialRef::Key("k1".into())
+        );
     }
 
     #[test]
