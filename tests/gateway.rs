@@ -259,7 +259,9 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
     let line = envelope("lk", "create_user", 1, 1);
     // No credential, a made-up one.
     for token in ["", "ep_made_up_secret"] {
-        let (status, answer) = gateway.post_lines(topic, &[line.clone()], token).await;
+        let (status, answer) = gateway
+            .post_lines(topic, std::slice::from_ref(&line), token)
+            .await;
         assert_eq!(status, 401, "{answer}");
         let sse = SseClient::connect(&gateway.url("/v1/stream?filter=*:*"), None, token).await;
         assert_eq!(sse.status, 401, "{}", sse.error_body);
@@ -272,7 +274,7 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
     }
     // An unknown topic, a bad filter, a bad cursor, an unknown parameter.
     let (status, answer) = gateway
-        .post_lines("no-such-topic", &[line.clone()], ADMIN)
+        .post_lines("no-such-topic", std::slice::from_ref(&line), ADMIN)
         .await;
     assert_eq!(
         (status, answer["error"].as_str()),
