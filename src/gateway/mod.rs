@@ -17,6 +17,7 @@ pub mod session;
 pub mod settings;
 pub mod sse;
 pub mod streams;
+pub mod subscriptions;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -86,6 +87,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
+        .merge(subscriptions::routes(gateway.clone()))
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
         // Over the limit: 413 before the body is read.
         .layer(DefaultBodyLimit::max(max_body))

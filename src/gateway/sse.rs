@@ -13,6 +13,7 @@ use futures::stream;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::Outgoing;
 use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
 /// How long a browser waits before reconnecting (the `retry:` hint).
@@ -25,22 +26,26 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let query = StreamQuery::parse(&pairs)?;
     let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
-    Ok(open(&gateway, request, &principal))
+    Ok(open_with(&gateway, request, &principal, None))
 }
 
-/// The SSE response of a session (also used by durable subscriptions).
-pub fn open(
+/// The SSE response of a session; an attachment to a durable subscription tracks its position.
+pub fn open_with(
     gateway: &Arc<Gateway>,
     request: crate::gateway::session::SessionRequest,
     principal: &crate::gateway::auth::Principal,
+    attachment: Option<Attachment>,
 ) -> Response {
-    let frames = streams::spawn(
+    let mut frames = streams::spawn(
         gateway.sessions.clone(),
         request,
         &gateway.auth,
         principal,
         gateway.shutdown.clone(),
     );
+    if let Some(attachment) = attachment {
+        frames = attachment.track(frames);
+    }
     let gauge = ConnectionGauge::open("sse");
     let mut first = true;
     let events = stream::unfold((frames, gauge, false), move |(mut frames, gauge, ended)| {

@@ -95,6 +95,52 @@ impl Api {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// A JSON call with a credential: status and answer.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (u16, Value) {
+        let mut request = reqwest::Client::new().request(method, self.url(path));
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the gateway answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A user reading `filters` and a consumer key of theirs; returns the key.
+    pub async fn consumer_key(&self, user: &str, filters: &[&str]) -> (String, String) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/users",
+                Some(serde_json::json!({"name": user, "password": "a-long-password", "filters": filters})),
+                ADMIN,
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/keys",
+                Some(serde_json::json!({"kind": "consumer", "user": user})),
+                ADMIN,
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().unwrap().to_string(),
+            body["key"].as_str().unwrap().to_string(),
+        )
+    }
+
     pub async fn sse(&self, query: &str, last_event_id: Option<&str>, token: &str) -> SseClient {
         SseClient::connect(
             &self.url(&format!("/v1/stream?{query}")),
