@@ -540,3 +540,68 @@ async fn a_revoked_key_stops_its_open_streams_within_a_second() {
     println!("open streams of a revoked key ended {elapsed:?} after the revocation");
     assert!(gateway.sse("filter=*:*", None, &key).await.status == 401);
 }
+
+#[tokio::test]
+async fn the_listener_serves_https_with_the_configured_certificate() {
+    let (topics, database) = fixture("gw-tls").await;
+    let dir = std::env::temp_dir().join(unique("gw-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let gateway = GatewayProcess::start(
+        &topics,
+        &database,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(gateway.base.starts_with("https://"), "{}", gateway.base);
+    let trusted = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let answer = trusted
+        .post(gateway.url(&format!("/v1/topics/{}/events", topics[0])))
+        .bearer_auth(ADMIN)
+        .body(envelope("lk", "create_user", 1, 1))
+        .send()
+        .await
+        .expect("HTTPS answers");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["offset"], 0, "{answer}");
+    // A client that does not trust the certificate, or speaks plain HTTP, gets nothing.
+    assert!(reqwest::get(gateway.url("/v1/stream")).await.is_err());
+    let plain = gateway.base.replace("https://", "http://");
+    assert!(reqwest::get(format!("{plain}/v1/stream")).await.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

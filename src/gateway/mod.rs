@@ -18,6 +18,7 @@ pub mod settings;
 pub mod sse;
 pub mod streams;
 pub mod subscriptions;
+pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -165,6 +166,11 @@ pub async fn start(
         live_margin: (gateway_settings.client_queue / 2).max(1) as u64,
     });
     let listen = gateway_settings.listen;
+    // Loaded before binding: a bad certificate is a start-up error naming the setting.
+    let acceptor = match &gateway_settings.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
     let gateway = Arc::new(Gateway {
         settings: gateway_settings,
         sessions,
@@ -177,15 +183,29 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on gateway.listen {listen}"))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, topics = ?gateway.settings.topics, "gateway listening");
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    tracing::info!(%address, scheme, topics = ?gateway.settings.topics, "gateway listening");
     let app = router(gateway.clone());
-    let serve_shutdown = shutdown.clone();
+    let stopping = shutdown.clone();
+    let graceful = async move { stopping.cancelled().await };
     let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            serve_shutdown.cancelled().await;
-        });
+        let served = async {
+            match acceptor {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(listener, acceptor, shutdown.clone());
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .await
+                }
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .await
+                }
+            }
+        };
         tokio::select! {
-            served = server => served.context("gateway listener")?,
+            served = served => served.context("gateway listener")?,
             read = reader => {
                 // The live reader only ends with shutdown; anything else is fatal.
                 read.context("live reader")?.context("live reader")?;

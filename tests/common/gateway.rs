@@ -52,7 +52,7 @@ impl GatewayProcess {
         ];
         args.extend_from_slice(extra);
         let process = StageProcess::start(&args, &[]);
-        let address: SocketAddr = wait_until(
+        let (address, scheme): (SocketAddr, &str) = wait_until(
             Duration::from_secs(60),
             "the gateway to listen",
             async || {
@@ -61,7 +61,13 @@ impl GatewayProcess {
                     .filter(|l| l.contains("gateway listening"))
                     .find_map(|line| {
                         let (_, rest) = line.split_once("address=")?;
-                        rest.split_whitespace().next()?.parse().ok()
+                        let address = rest.split_whitespace().next()?.parse().ok()?;
+                        let scheme = if line.contains("scheme=\"https\"") {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        Some((address, scheme))
                     })
                     .ok_or_else(|| format!("not listening yet:\n{log}"))
             },
@@ -70,7 +76,7 @@ impl GatewayProcess {
         GatewayProcess {
             process,
             api: Api {
-                base: format!("http://{address}"),
+                base: format!("{scheme}://{address}"),
             },
         }
     }
