@@ -359,6 +359,33 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
     assert_eq!(status, 200);
     let frames = collect_events(&mut listener, 1).await;
     assert_eq!(frames[0].data["service"], "arm");
+    // Every answer is counted by route pattern and status (no topic name in a label).
+    let metrics = gateway.process.metrics().await;
+    let count = |route: &str, status: &str| {
+        common::metric_value(
+            &metrics,
+            "eventpipe_gateway_requests_total",
+            &[
+                &format!("route=\"{route}\""),
+                &format!("status=\"{status}\""),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        count("/v1/topics/{topic}/events", "401") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        count("/v1/topics/{topic}/events", "404") >= 1.0,
+        "{metrics}"
+    );
+    assert!(count("/v1/stream", "400") >= 5.0, "{metrics}");
+    assert!(
+        count("/v1/topics/{topic}/events", "207") >= 1.0,
+        "{metrics}"
+    );
+    common::assert_promtool_accepts(&metrics);
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ pub mod history;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
+pub mod metrics;
 pub mod session;
 pub mod settings;
 pub mod sse;
@@ -68,13 +69,7 @@ impl Gateway {
         query: &StreamQuery,
     ) -> Result<(Principal, SessionRequest), ApiError> {
         let side = &self.sessions.side;
-        let result =
-            streams::authorize(&self.auth, &|topic| side.serves(topic), headers, query).await;
-        if let Err(error) = &result {
-            metrics::counter!("eventpipe_gateway_requests_total", "route" => "stream", "status" => error.status.as_str().to_string())
-                .increment(1);
-        }
-        result
+        streams::authorize(&self.auth, &|topic| side.serves(topic), headers, query).await
     }
 }
 
@@ -90,6 +85,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(auth::routes(gateway.auth.clone()))
         .merge(subscriptions::routes(gateway.clone()))
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
+        .layer(axum::middleware::from_fn(http::count_requests))
         // Over the limit: 413 before the body is read.
         .layer(DefaultBodyLimit::max(max_body))
 }
@@ -108,6 +104,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningGateway> {
     crate::codec::describe_metrics("gateway");
+    metrics::describe();
     readiness.register("kafka");
     readiness.register("postgres");
     let pool = connect_postgres(settings.postgres_url.as_str(), &shutdown).await?;
@@ -185,6 +182,10 @@ pub async fn start(
     let address = listener.local_addr()?;
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     tracing::info!(%address, scheme, topics = ?gateway.settings.topics, "gateway listening");
+    tokio::spawn(metrics::subscription_gauges(
+        gateway.clone(),
+        shutdown.clone(),
+    ));
     let app = router(gateway.clone());
     let stopping = shutdown.clone();
     let graceful = async move { stopping.cancelled().await };

@@ -165,6 +165,19 @@ impl Row {
     }
 }
 
+/// Active and sleeping subscriptions and the largest lag, for the gauges.
+pub async fn summary(gateway: &Gateway) -> Result<(u64, u64, u64), sqlx::Error> {
+    let rows = sqlx::query_as::<_, Row>(&format!("{SELECT} WHERE $2"))
+        .bind(ACTIVE_WITHIN_SECS)
+        .bind(true)
+        .fetch_all(&gateway.pool)
+        .await?;
+    let views: Vec<SubscriptionView> = rows.iter().map(|row| row.view(gateway)).collect();
+    let active = views.iter().filter(|v| v.state == "active").count() as u64;
+    let max_lag = views.iter().map(|v| v.lag).max().unwrap_or(0);
+    Ok((active, views.len() as u64 - active, max_lag))
+}
+
 async fn list(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
