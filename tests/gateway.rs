@@ -632,3 +632,38 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
     assert!(reqwest::get(format!("{plain}/v1/stream")).await.is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn sse_says_how_soon_to_reconnect_and_keeps_idle_connections_alive() {
+    use futures::StreamExt;
+    let (topics, database) = fixture("gw-alive").await;
+    let gateway = GatewayProcess::start(&topics, &database, &["--keep-alive-secs", "1"]).await;
+    let response = reqwest::Client::new()
+        .get(gateway.url("/v1/stream?filter=*:*"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    // Nothing is posted: only the start position, the retry hint and keep-alive comments come.
+    let retry_hint = |text: &str| text.lines().any(|l| l.replace(' ', "") == "retry:2000");
+    let comments = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(':') && l.contains("keep-alive"))
+            .count()
+    };
+    // One deadline for the whole wait: comments that never match must fail, not loop.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(retry_hint(&text) && comments(&text) >= 2) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("a retry hint and two keep-alive comments; got {text:?}"))
+            .expect("the stream stays open")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.starts_with("id:"), "the start position first: {text}");
+}
