@@ -667,3 +667,29 @@ async fn sse_says_how_soon_to_reconnect_and_keeps_idle_connections_alive() {
     }
     assert!(text.starts_with("id:"), "the start position first: {text}");
 }
+
+#[tokio::test]
+async fn a_stream_can_start_at_the_earliest_event_or_at_a_time() {
+    let (topics, database) = fixture("gw-start").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    post_traffic(&gateway, &topics, 60, 0).await;
+    // A time after every event of the first batch and before any of the second.
+    let between = chrono::Utc::now() + chrono::Duration::milliseconds(2);
+    while chrono::Utc::now() <= between {
+        tokio::task::yield_now().await;
+    }
+    post_traffic(&gateway, &topics, 60, 60).await;
+    let mut earliest = Client::Sse(gateway.sse("filter=*:*&from=earliest", None, ADMIN).await);
+    assert_eq!(collect_events(&mut earliest, 120).await.len(), 120);
+    let time = between.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut since = Client::Ws(Box::new(
+        gateway.ws(&format!("filter=*:*&from={time}"), ADMIN).await,
+    ));
+    let frames = collect_events(&mut since, 60).await;
+    for frame in &frames {
+        let n = frame.data["value"]["payload"]["data"]["n"]
+            .as_u64()
+            .unwrap();
+        assert!(n >= 60, "event {n} is older than {time}");
+    }
+}
