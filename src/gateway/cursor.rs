@@ -149,24 +149,21 @@ pub enum Start {
 }
 
 impl Start {
-    /// `now`, `earliest`, an RFC 3339 time, or a cursor id.
+    /// `now`, `earliest`, a time (as history takes it: RFC 3339, ISO 8601 in UTC, a date, or
+    /// before now: `-10m`, `-2h`), or a cursor id.
     pub fn parse(text: &str) -> Result<Start, CursorError> {
         match text.trim() {
             "" | "now" => Ok(Start::Now),
             "earliest" => Ok(Start::Earliest),
             text => {
-                if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-                    return Ok(Start::Time(time.with_timezone(&Utc)));
+                // A time has digits and - : T, a cursor is base64url: try the time first.
+                if let Ok(time) = crate::store::history::parse_time(text, Utc::now()) {
+                    return Ok(Start::Time(time));
                 }
-                if let Some(time) = crate::envelope::parse_timestamp(text) {
-                    if text.contains('T') || text.contains(' ') {
-                        return Ok(Start::Time(time));
-                    }
-                }
-                Cursor::decode(text).map(Start::After).map_err(|e| {
+                Cursor::decode(text).map(Start::After).map_err(|_| {
                     CursorError(format!(
-                        "{text:?} is not now, earliest, an RFC 3339 time or a cursor ({})",
-                        e.0
+                        "{text:?} is neither now, earliest, a time (2026-12-01T09:00:00Z, -10m) \
+                         nor an event id the gateway gave you"
                     ))
                 })
             }

@@ -124,3 +124,41 @@ pub async fn count_requests(request: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+/// Rejections axum's extractors answer by themselves (a body over the limit, a query string
+/// that does not parse, a WebSocket upgrade without its headers) are plain text: give them the
+/// `{error, message}` body every other answer has.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut message = String::from_utf8_lossy(&body).trim().to_string();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        message = format!("{message} (the body is over gateway.max_body_bytes)");
+    }
+    let mut answer = ApiError::new(status, code, message).into_response();
+    if let Some(retry_after) = retry_after {
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
+    }
+    answer
+}

@@ -85,6 +85,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(auth::routes(gateway.auth.clone()))
         .merge(subscriptions::routes(gateway.clone()))
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
+        .layer(axum::middleware::from_fn(http::json_errors))
         .layer(axum::middleware::from_fn(http::count_requests))
         // Over the limit: 413 before the body is read.
         .layer(DefaultBodyLimit::max(max_body))

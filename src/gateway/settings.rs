@@ -256,7 +256,10 @@ impl GatewaySettings {
                 stored
             }
         };
-        let admin_token = ADMIN_TOKEN.optional(&args.admin_token, &file.admin_token)?;
+        // Set but empty (`EVENTPIPE_GATEWAY_ADMIN_TOKEN=` in a compose file) means none.
+        let admin_token = ADMIN_TOKEN
+            .optional(&args.admin_token, &file.admin_token)?
+            .filter(|token| !token.is_empty());
         if let Some(token) = &admin_token {
             if token.len() < 16 {
                 // The value itself is never echoed: it is a secret.
@@ -371,5 +374,11 @@ mod tests {
         };
         let settings = GatewaySettings::resolve(&secret, &FileGateway::default()).unwrap();
         assert!(!format!("{settings:?}{secret:?}").contains("a-long-secret"));
+        let empty = GatewayArgs {
+            admin_token: Some(String::new()),
+            ..with_topics()
+        };
+        let settings = GatewaySettings::resolve(&empty, &FileGateway::default()).unwrap();
+        assert!(settings.admin_token.is_none(), "empty means no admin token");
     }
 }
