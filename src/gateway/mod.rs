@@ -13,6 +13,7 @@ pub mod history;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
+pub mod pages;
 pub mod session;
 pub mod settings;
 pub mod sse;
@@ -86,6 +87,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
+        .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
         // Over the limit: 413 before the body is read.
         .layer(DefaultBodyLimit::max(max_body))
