@@ -225,7 +225,7 @@ class Follower {
     });
     socket.addEventListener("close", (close) => {
       if (!current()) return;
-      const said = close.reason ? `closed ${close.code}: ${close.reason}` : `closed (${close.code})`;
+      const said = close.reason ? `closed ${close.code}: ${close.reason}` : `the connection broke off (${close.code})`;
       this.lost(generation, this.lastWord || said);
     });
     return socket;
