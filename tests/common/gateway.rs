@@ -38,11 +38,22 @@ impl std::ops::Deref for GatewayProcess {
 impl GatewayProcess {
     /// `eventpipe gateway` serving `topics`, credentials and subscriptions in `database_url`.
     pub async fn start(topics: &[String], database_url: &str, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::start_on("127.0.0.1:0", topics, database_url, extra).await
+    }
+
+    /// [`GatewayProcess::start`] listening on `listen`: a gateway restarted where its clients
+    /// (a browser's page, say) knew the last one.
+    pub async fn start_on(
+        listen: &str,
+        topics: &[String],
+        database_url: &str,
+        extra: &[&str],
+    ) -> GatewayProcess {
         let topics = topics.join(",");
         let mut args = vec![
             "gateway",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--topics",
             &topics,
             "--admin-token",
@@ -79,6 +90,40 @@ impl GatewayProcess {
 impl Api {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `host:port` the gateway listens on.
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// A user reading `filters` and a consumer key of theirs, made with the admin API; the key.
+    pub async fn consumer_key(&self, user: &str, filters: &[&str]) -> String {
+        let client = reqwest::Client::new();
+        let post = async |path: &str, body: Value| {
+            let response = client
+                .post(self.url(path))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .await
+                .expect("the gateway answers");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            assert_eq!(status, 201, "POST {path}: {body}");
+            body
+        };
+        post(
+            "/v1/admin/users",
+            serde_json::json!({"name": user, "filters": filters}),
+        )
+        .await;
+        let key = post(
+            "/v1/admin/keys",
+            serde_json::json!({"kind": "consumer", "user": user}),
+        )
+        .await;
+        key["key"].as_str().expect("the key, once").to_string()
     }
 
     /// Posts JSON lines as one batch with the admin credential; returns status and answer.
