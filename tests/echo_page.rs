@@ -1,16 +1,18 @@
-//! The echo page in a real headless Chromium: served by the gateway, it connects over SSE and
-//! WebSocket with tickets, lists every event produced after it is live exactly once on both, and
-//! when its gateway is killed and started again it reconnects by itself, losing nothing.
+//! The echo clients of examples/clients on a real gateway: the page in headless Chromium (over
+//! SSE and WebSocket with tickets) and the two Node scripts show every event produced after they
+//! are live exactly once, and when their gateway is killed and started again they reconnect by
+//! themselves with their cursors, losing nothing.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::browser::Chromium;
 use common::gateway::{envelope, Api, GatewayProcess, ADMIN};
-use common::{create_topic, fresh_database_url, settings, unique};
+use common::{create_topic, fresh_database_url, settings, unique, wait_until};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -119,6 +121,13 @@ async fn produce(gateway: &Api, topic: &str, first: u64, count: u64) -> BTreeSet
         .collect()
 }
 
+/// `shown` is exactly `expected`, each row once.
+fn assert_shows(client: &str, shown: &[Row], expected: &BTreeSet<Row>) {
+    let distinct: BTreeSet<Row> = shown.iter().cloned().collect();
+    assert_eq!(shown.len(), distinct.len(), "{client}: a row twice");
+    assert_eq!(&distinct, expected, "{client} shows what was produced");
+}
+
 /// Both lists show exactly `expected`, each row once, and the page counted no repeat.
 fn assert_lists_show(panels: &BTreeMap<String, Panel>, expected: &BTreeSet<Row>) {
     for (transport, panel) in panels {
@@ -129,11 +138,112 @@ fn assert_lists_show(panels: &BTreeMap<String, Panel>, expected: &BTreeSet<Row>)
                 message: panel.messages[i].clone(),
             })
             .collect();
-        let shown: BTreeSet<Row> = rows.iter().cloned().collect();
-        assert_eq!(rows.len(), shown.len(), "{transport}: a row twice");
-        assert_eq!(&shown, expected, "{transport} lists what was produced");
+        assert_shows(&format!("the page's {transport} list"), &rows, expected);
         assert_eq!(panel.events, expected.len().to_string(), "{transport}");
         assert_eq!(panel.repeats, "0", "{transport}: the gateway repeated none");
+    }
+}
+
+/// One of the Node echo scripts (`sse` or `ws`) as a child process, its output in files; killed
+/// when dropped.
+struct NodeEcho {
+    transport: &'static str,
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl NodeEcho {
+    /// `node examples/clients/<transport>-echo.mjs`, filtering `lk:*` and `arm:*`.
+    fn start(transport: &'static str, gateway: &Api, key: &str) -> NodeEcho {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("examples/clients/{transport}-echo.mjs"));
+        let files = std::env::temp_dir().join(unique(&format!("{transport}-echo")));
+        let (stdout, stderr) = (files.with_extension("out"), files.with_extension("err"));
+        let mut command = Command::new("node");
+        if transport == "ws" {
+            command.arg("--experimental-websocket");
+        }
+        let child = command
+            .arg(&script)
+            .args(["--filter", "lk:*", "--filter", "arm:*"])
+            .env("EVENTPIPE_GATEWAY", &gateway.base)
+            .env("EVENTPIPE_KEY", key)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("node does not start ({e}): examples/clients needs Node.js 20")
+            });
+        NodeEcho {
+            transport,
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// What it said about its connections.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// How many connections went live.
+    fn times_live(&self) -> usize {
+        self.log()
+            .matches(&format!("{}: live", self.transport))
+            .count()
+    }
+
+    /// The events it printed, one line each: `sse lk:create_user topic/2@17 key=3 "event 5"`.
+    fn rows(&self) -> Vec<Row> {
+        let text = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let mut words = line.splitn(4, ' ');
+                let (_, sender, at) = (words.next(), words.next(), words.next());
+                let (topic_partition, offset) =
+                    at.and_then(|at| at.rsplit_once('@')).unwrap_or_default();
+                let quoted = line
+                    .find(" \"")
+                    .map(|start| &line[start + 1..])
+                    .unwrap_or_default();
+                Row {
+                    key: format!("{topic_partition}/{offset}"),
+                    sender: sender.unwrap_or_default().to_string(),
+                    message: serde_json::from_str(quoted).unwrap_or_else(|_| line.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until it printed `expected`'s many events; then they must be exactly those.
+    async fn wait_for(&self, expected: &BTreeSet<Row>) {
+        let client = format!("{}-echo.mjs", self.transport);
+        wait_until(
+            PAGE_TIMEOUT,
+            &format!("{client} printing {} events", expected.len()),
+            async || {
+                let rows = self.rows();
+                if rows.len() >= expected.len() {
+                    Ok(rows)
+                } else {
+                    Err(format!("{rows:#?}\n{}", self.log()))
+                }
+            },
+        )
+        .await;
+        assert_shows(&client, &self.rows(), expected);
+    }
+}
+
+impl Drop for NodeEcho {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stdout);
+        let _ = std::fs::remove_file(&self.stderr);
     }
 }
 
@@ -170,7 +280,7 @@ fn assert_console_shows(browser: &Chromium, expected: &BTreeSet<Row>) {
 }
 
 #[tokio::test]
-async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gateway_restart() {
+async fn the_echo_clients_show_every_event_once_across_a_gateway_restart() {
     let started = Instant::now();
     let mut browser = Chromium::launch(1400, 1000).await;
     let topic = unique("echo-page");
@@ -192,10 +302,25 @@ async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gate
             "/echo?filter=lk:*&filter=arm:*&autostart=1#credential={key}"
         )))
         .await;
+    let scripts = [
+        NodeEcho::start("sse", &gateway, &key),
+        NodeEcho::start("ws", &gateway, &key),
+    ];
     wait_for_panels(&mut browser, "both transports live", |panel| {
         panel.state == "live"
     })
     .await;
+    for script in &scripts {
+        wait_until(
+            PAGE_TIMEOUT,
+            "the Node scripts live",
+            async || match script.times_live() {
+                1 => Ok(()),
+                _ => Err(script.log()),
+            },
+        )
+        .await;
+    }
     let address_bar = browser.evaluate("location.href").await;
     assert!(
         !address_bar.as_str().unwrap_or_default().contains(&key),
@@ -209,8 +334,11 @@ async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gate
     })
     .await;
     assert_lists_show(&panels, &expected);
+    for script in &scripts {
+        script.wait_for(&expected).await;
+    }
 
-    // The page's gateway dies: both panels say so and retry.
+    // The clients' gateway dies: both panels say so and retry.
     let address = gateway.address().to_string();
     let GatewayProcess { process, .. } = gateway;
     process.kill9();
@@ -233,6 +361,10 @@ async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gate
     for (transport, panel) in &panels {
         assert_ne!(panel.reconnects, "0", "{transport} reconnected by itself");
     }
+    for script in &scripts {
+        script.wait_for(&expected).await;
+        assert!(script.times_live() >= 2, "{}", script.log());
+    }
 
     // Live again on the new instance.
     expected.extend(produce(&restarted, &topic, 60, 30).await);
@@ -242,6 +374,9 @@ async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gate
     .await;
     assert_lists_show(&panels, &expected);
     assert_console_shows(&browser, &expected);
+    for script in &scripts {
+        script.wait_for(&expected).await;
+    }
 
     // Only tickets went into the streams' URLs, a fresh one for each connection, with the
     // cursor on every reconnect.
@@ -294,7 +429,7 @@ async fn the_echo_page_lists_every_event_once_over_both_transports_across_a_gate
     let screenshot = screenshot_path("echo_page");
     browser.screenshot(&screenshot).await;
     println!(
-        "echo page: {} events on each transport across a restart in {:?}; screenshot {}",
+        "echo clients: {} events on each across a restart in {:?}; screenshot {}",
         expected.len(),
         started.elapsed(),
         screenshot.display()

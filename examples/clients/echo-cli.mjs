@@ -91,10 +91,15 @@ export async function follow(transport, connect) {
   let cursor = settings.from === "now" ? "" : settings.from;
   let printed = 0;
   let lastWord = "";
+  let live = false;
   const stream = {
     position(id) {
       if (id) cursor = id;
-      backoff.reset();
+      if (!live) {
+        live = true;
+        backoff.reset();
+        console.error(`${transport}: live`);
+      }
     },
     event(id, data) {
       stream.position(id);
@@ -113,6 +118,7 @@ export async function follow(transport, connect) {
   process.on("SIGINT", () => process.exit(130));
   for (;;) {
     lastWord = "";
+    live = false;
     console.error(`${transport}: connecting to ${settings.gateway}${cursor ? " from the cursor" : ""}`);
     let why;
     try {
