@@ -467,6 +467,10 @@ async fn the_echo_page_says_why_it_is_refused_and_does_not_retry() {
             );
             assert_eq!(panel.reconnects, "0", "{transport} did not retry a refusal");
         }
+        let buttons = browser
+            .evaluate(r#"["connect", "disconnect"].map((id) => document.getElementById(id)).map((b) => b.disabled ? "disabled" : b.textContent).join(" ")"#)
+            .await;
+        assert_eq!(buttons, "Connect disabled", "nothing is being followed");
     }
     browser
         .screenshot(&screenshot_path("echo_page_refused"))

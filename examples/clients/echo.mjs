@@ -139,9 +139,11 @@ class Panel {
 
 /** One subscription over one transport, reconnecting until stopped. */
 class Follower {
-  constructor(transport, panel) {
+  constructor(transport, panel, changed) {
     this.transport = transport; // "sse" or "ws"
     this.panel = panel;
+    this.changed = changed; // called when it starts or stops following
+    this.running = false;
     this.generation = 0; // bumped whenever a connection is replaced: late callbacks of old ones are ignored
     this.connection = null;
     this.timer = null;
@@ -154,6 +156,8 @@ class Follower {
     this.seen = new Seen();
     this.backoff = new Backoff();
     this.panel.reset();
+    this.running = true;
+    this.changed();
     this.connect();
   }
 
@@ -163,6 +167,8 @@ class Follower {
     this.connection?.close();
     this.connection = null;
     this.panel.state("idle", detail);
+    this.running = false;
+    this.changed();
   }
 
   async connect() {
@@ -351,14 +357,16 @@ function formSettings(form) {
 
 function main() {
   const form = document.getElementById("settings");
-  const followers = [
-    new Follower("sse", new Panel(document.getElementById("sse"))),
-    new Follower("ws", new Panel(document.getElementById("ws"))),
-  ];
-  const connected = (on) => {
+  const followers = [];
+  // The buttons say whether anything is being followed.
+  const changed = () => {
+    const on = followers.some((follower) => follower.running);
     document.getElementById("disconnect").disabled = !on;
     document.getElementById("connect").textContent = on ? "Reconnect" : "Connect";
   };
+  for (const transport of ["sse", "ws"]) {
+    followers.push(new Follower(transport, new Panel(document.getElementById(transport)), changed));
+  }
   form.addEventListener("submit", (submit) => {
     submit.preventDefault();
     const settings = formSettings(form);
@@ -366,11 +374,9 @@ function main() {
     showProblem(missing ? `Give ${missing} first.` : "");
     if (missing) return;
     for (const follower of followers) follower.start(settings);
-    connected(true);
   });
   document.getElementById("disconnect").addEventListener("click", () => {
     for (const follower of followers) follower.stop();
-    connected(false);
   });
   document.getElementById("clear").addEventListener("click", () => {
     for (const follower of followers) follower.panel.list.replaceChildren();
