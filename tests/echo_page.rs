@@ -293,7 +293,7 @@ async fn the_echo_clients_show_every_event_once_across_a_gateway_restart() {
         GatewayProcess::start(&topics, &database, &[]),
         GatewayProcess::start(&topics, &database, &[]),
     );
-    let key = gateway
+    let (_, key) = gateway
         .consumer_key("echo-reader", &["lk:*", "arm:*"])
         .await;
 
@@ -443,7 +443,7 @@ async fn the_echo_page_says_why_it_is_refused_and_does_not_retry() {
     create_topic(&settings(), &topic, 1).await;
     let (_, database) = fresh_database_url(&settings()).await;
     let gateway = GatewayProcess::start(std::slice::from_ref(&topic), &database, &[]).await;
-    let key = gateway.consumer_key("echo-lk-reader", &["lk:*"]).await;
+    let (_, key) = gateway.consumer_key("echo-lk-reader", &["lk:*"]).await;
     for (credential, filter, reason) in [
         // A key the gateway never issued: the ticket is refused.
         ("ep_made_up_secret", "lk:*", "unauthorized"),

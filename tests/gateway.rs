@@ -359,6 +359,33 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
     assert_eq!(status, 200);
     let frames = collect_events(&mut listener, 1).await;
     assert_eq!(frames[0].data["service"], "arm");
+    // Every answer is counted by route pattern and status (no topic name in a label).
+    let metrics = gateway.process.metrics().await;
+    let count = |route: &str, status: &str| {
+        common::metric_value(
+            &metrics,
+            "eventpipe_gateway_requests_total",
+            &[
+                &format!("route=\"{route}\""),
+                &format!("status=\"{status}\""),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        count("/v1/topics/{topic}/events", "401") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        count("/v1/topics/{topic}/events", "404") >= 1.0,
+        "{metrics}"
+    );
+    assert!(count("/v1/stream", "400") >= 5.0, "{metrics}");
+    assert!(
+        count("/v1/topics/{topic}/events", "207") >= 1.0,
+        "{metrics}"
+    );
+    common::assert_promtool_accepts(&metrics);
 }
 
 #[tokio::test]
@@ -409,4 +436,199 @@ async fn a_position_older_than_kafka_holds_is_caught_up_from_the_event_store() {
         from_store as u64, deleted,
         "the records Kafka no longer holds came from the store"
     );
+}
+
+#[tokio::test]
+async fn a_durable_subscription_sleeps_while_its_client_is_away_and_catches_up_on_any_instance() {
+    use reqwest::Method;
+    let (topics, database) = fixture("gw-durable").await;
+    let first = GatewayProcess::start(&topics, &database, &[]).await;
+    let second = GatewayProcess::start(&topics, &database, &[]).await;
+    let (_, key) = first
+        .consumer_key(&unique("reader"), &["lk:*", "arm:*"])
+        .await;
+    let name = unique("orders");
+    let path = format!("/v1/subscriptions/{name}");
+    // A stranger may not make one; a consumer may not ask beyond its filters.
+    let spec = serde_json::json!({"filters": ["lk:*"]});
+    assert_eq!(
+        first
+            .call(Method::PUT, &path, Some(spec.clone()), "")
+            .await
+            .0,
+        401
+    );
+    let (status, answer) = first
+        .call(
+            Method::PUT,
+            &path,
+            Some(serde_json::json!({"filters": ["*:*"]})),
+            &key,
+        )
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("*:*"),
+        "{answer}"
+    );
+    let (status, answer) = first.call(Method::PUT, &path, Some(spec), &key).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["state"], "sleeping");
+    // Events before the first attachment are kept: the position was taken at creation.
+    post_traffic(&first, &topics, 90, 0).await;
+    let lk = FilterSet::parse(&["lk:*"]).unwrap();
+    let mut client =
+        Client::Sse(SseClient::connect(&first.url(&format!("{path}/stream")), None, &key).await);
+    let early = collect_events(&mut client, 30).await;
+    let (_, listed) = first
+        .call(Method::GET, "/v1/subscriptions", None, &key)
+        .await;
+    assert_eq!(listed[0]["state"], "active", "{listed}");
+    drop(client);
+    common::wait_until(
+        Duration::from_secs(30),
+        "the subscription to sleep",
+        async || {
+            let (_, answer) = first.call(Method::GET, &path, None, &key).await;
+            match answer["state"].as_str() {
+                Some("sleeping") => Ok(()),
+                _ => Err(answer.to_string()),
+            }
+        },
+    )
+    .await;
+    // 1,000 events pass while it sleeps; its position stays and its lag shows them.
+    post_traffic(&first, &topics, 1000, 90).await;
+    let (_, asleep) = first.call(Method::GET, &path, None, &key).await;
+    assert_eq!(asleep["state"], "sleeping");
+    let lag = common::wait_until(Duration::from_secs(30), "the lag to show", async || {
+        let (_, answer) = second.call(Method::GET, &path, None, &key).await;
+        match answer["lag"].as_u64() {
+            Some(lag) if lag >= 1000 => Ok(lag),
+            _ => Err(answer.to_string()),
+        }
+    })
+    .await;
+    assert!(lag <= 1090, "{lag}");
+    // Attached again through the other instance, over WebSocket, with no cursor of its own.
+    let ws_url = format!("{}{path}/ws", second.base.replace("http://", "ws://"));
+    let mut client = Client::Ws(Box::new(WsClient::connect(&ws_url, &key).await));
+    let expected = independently_selected(&topics, &lk);
+    let rest = collect_events(&mut client, expected.len() - early.len()).await;
+    let mut all = coordinates(&early);
+    for coordinate in coordinates(&rest) {
+        assert!(all.insert(coordinate.clone()), "{coordinate:?} twice");
+    }
+    assert_eq!(all, expected, "everything it missed, once");
+    // A client's own cursor wins over the stored position: from its first event on again.
+    let own = early[0].id.clone().unwrap();
+    let mut again = Client::Sse(
+        SseClient::connect(&first.url(&format!("{path}/stream")), Some(&own), &key).await,
+    );
+    let replayed = collect_events(&mut again, expected.len() - 1).await;
+    assert_eq!(coordinates(&replayed).len(), expected.len() - 1);
+    // The newer attachment took over: the WebSocket one is ended with a reason.
+    let mut ended = None;
+    while let Some(frame) = client.next().await {
+        if frame.kind == "disconnect" {
+            ended = Some(frame.data["code"].clone());
+        }
+    }
+    assert_eq!(ended, Some(Value::from("replaced")));
+    assert_eq!(first.call(Method::DELETE, &path, None, &key).await.0, 204);
+    assert_eq!(first.call(Method::GET, &path, None, &key).await.0, 404);
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_its_open_streams_within_a_second() {
+    use reqwest::Method;
+    let (topics, database) = fixture("gw-revoke").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let (id, key) = gateway.consumer_key(&unique("viewer"), &["*:*"]).await;
+    let mut sse = Client::Sse(gateway.sse("filter=*:*", None, &key).await);
+    sse.started().await;
+    let mut ws = Client::Ws(Box::new(gateway.ws("filter=*:*", &key).await));
+    ws.started().await;
+    let (status, _) = gateway
+        .call(Method::DELETE, &format!("/v1/admin/keys/{id}"), None, ADMIN)
+        .await;
+    assert_eq!(status, 204, "revoked");
+    let revoked_at = std::time::Instant::now();
+    for client in [&mut sse, &mut ws] {
+        let mut code = None;
+        while let Some(frame) = client.next().await {
+            if frame.kind == "disconnect" {
+                code = Some(frame.data["code"].clone());
+            }
+        }
+        assert_eq!(code, Some(Value::from("revoked")));
+    }
+    let elapsed = revoked_at.elapsed();
+    println!("open streams of a revoked key ended {elapsed:?} after the revocation");
+    assert!(gateway.sse("filter=*:*", None, &key).await.status == 401);
+}
+
+#[tokio::test]
+async fn the_listener_serves_https_with_the_configured_certificate() {
+    let (topics, database) = fixture("gw-tls").await;
+    let dir = std::env::temp_dir().join(unique("gw-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let gateway = GatewayProcess::start(
+        &topics,
+        &database,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(gateway.base.starts_with("https://"), "{}", gateway.base);
+    let trusted = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let answer = trusted
+        .post(gateway.url(&format!("/v1/topics/{}/events", topics[0])))
+        .bearer_auth(ADMIN)
+        .body(envelope("lk", "create_user", 1, 1))
+        .send()
+        .await
+        .expect("HTTPS answers");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["offset"], 0, "{answer}");
+    // A client that does not trust the certificate, or speaks plain HTTP, gets nothing.
+    assert!(reqwest::get(gateway.url("/v1/stream")).await.is_err());
+    let plain = gateway.base.replace("https://", "http://");
+    assert!(reqwest::get(format!("{plain}/v1/stream")).await.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

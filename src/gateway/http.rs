@@ -1,7 +1,9 @@
 //! The gateway's HTTP conventions: one error type that every route answers with (a status, a
 //! stable machine-readable code and a human reason as JSON), and the header names it uses.
 
+use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -103,4 +105,22 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Counts every request by its route pattern (never the raw path: names and ids stay out of the
+/// labels) and status, and times it (a stream's time is until its response starts).
+pub async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let method = request.method().as_str().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("eventpipe_gateway_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("eventpipe_gateway_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }

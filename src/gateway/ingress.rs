@@ -87,14 +87,7 @@ pub async fn post_events(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let principal = gateway.auth.authenticate(&headers, None).await?;
-    let result = accept(&gateway, &principal, &topic, &pairs, &headers, body).await;
-    let status = match &result {
-        Ok(response) => response.status(),
-        Err(error) => error.status,
-    };
-    metrics::counter!("eventpipe_gateway_requests_total", "route" => "ingress", "status" => status.as_str().to_string())
-        .increment(1);
-    result
+    accept(&gateway, &principal, &topic, &pairs, &headers, body).await
 }
 
 async fn accept(

@@ -13,11 +13,14 @@ pub mod history;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
+pub mod metrics;
 pub mod pages;
 pub mod session;
 pub mod settings;
 pub mod sse;
 pub mod streams;
+pub mod subscriptions;
+pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -67,13 +70,7 @@ impl Gateway {
         query: &StreamQuery,
     ) -> Result<(Principal, SessionRequest), ApiError> {
         let side = &self.sessions.side;
-        let result =
-            streams::authorize(&self.auth, &|topic| side.serves(topic), headers, query).await;
-        if let Err(error) = &result {
-            metrics::counter!("eventpipe_gateway_requests_total", "route" => "stream", "status" => error.status.as_str().to_string())
-                .increment(1);
-        }
-        result
+        streams::authorize(&self.auth, &|topic| side.serves(topic), headers, query).await
     }
 }
 
@@ -87,8 +84,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
+        .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
+        .layer(axum::middleware::from_fn(http::count_requests))
         // Over the limit: 413 before the body is read.
         .layer(DefaultBodyLimit::max(max_body))
 }
@@ -107,6 +106,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningGateway> {
     crate::codec::describe_metrics("gateway");
+    metrics::describe();
     readiness.register("kafka");
     readiness.register("postgres");
     let pool = connect_postgres(settings.postgres_url.as_str(), &shutdown).await?;
@@ -165,6 +165,11 @@ pub async fn start(
         live_margin: (gateway_settings.client_queue / 2).max(1) as u64,
     });
     let listen = gateway_settings.listen;
+    // Loaded before binding: a bad certificate is a start-up error naming the setting.
+    let acceptor = match &gateway_settings.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
     let gateway = Arc::new(Gateway {
         settings: gateway_settings,
         sessions,
@@ -177,15 +182,33 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on gateway.listen {listen}"))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, topics = ?gateway.settings.topics, "gateway listening");
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    tracing::info!(%address, scheme, topics = ?gateway.settings.topics, "gateway listening");
+    tokio::spawn(metrics::subscription_gauges(
+        gateway.clone(),
+        shutdown.clone(),
+    ));
     let app = router(gateway.clone());
-    let serve_shutdown = shutdown.clone();
+    let stopping = shutdown.clone();
+    let graceful = async move { stopping.cancelled().await };
     let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            serve_shutdown.cancelled().await;
-        });
+        let served = async {
+            match acceptor {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(listener, acceptor, shutdown.clone());
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .await
+                }
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .await
+                }
+            }
+        };
         tokio::select! {
-            served = server => served.context("gateway listener")?,
+            served = served => served.context("gateway listener")?,
             read = reader => {
                 // The live reader only ends with shutdown; anything else is fatal.
                 read.context("live reader")?.context("live reader")?;

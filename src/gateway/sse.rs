@@ -13,6 +13,7 @@ use futures::stream;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::Outgoing;
 use crate::gateway::streams::{self, ConnectionGauge, SseEvents, StreamQuery};
+use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
 /// How long a browser waits before reconnecting (the `retry:` hint).
@@ -25,32 +26,34 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let query = StreamQuery::parse(&pairs)?;
     let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
-    Ok(open_named(&gateway, request, &principal, query.sse_events))
+    Ok(open_with(
+        &gateway,
+        request,
+        &principal,
+        None,
+        query.sse_events,
+    ))
 }
 
-/// The SSE response of a session (also used by durable subscriptions).
-pub fn open(
+/// The SSE response of a session, its frames named as `names` says; an attachment to a durable
+/// subscription tracks its position.
+pub fn open_with(
     gateway: &Arc<Gateway>,
     request: crate::gateway::session::SessionRequest,
     principal: &crate::gateway::auth::Principal,
-) -> Response {
-    open_named(gateway, request, principal, SseEvents::Actions)
-}
-
-/// [`open`] with the frames named as `names` says.
-pub fn open_named(
-    gateway: &Arc<Gateway>,
-    request: crate::gateway::session::SessionRequest,
-    principal: &crate::gateway::auth::Principal,
+    attachment: Option<Attachment>,
     names: SseEvents,
 ) -> Response {
-    let frames = streams::spawn(
+    let mut frames = streams::spawn(
         gateway.sessions.clone(),
         request,
         &gateway.auth,
         principal,
         gateway.shutdown.clone(),
     );
+    if let Some(attachment) = attachment {
+        frames = attachment.track(frames);
+    }
     let gauge = ConnectionGauge::open("sse");
     let mut first = true;
     let events = stream::unfold((frames, gauge, false), move |(mut frames, gauge, ended)| {

@@ -16,6 +16,7 @@ use crate::gateway::auth::Principal;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::{Outgoing, SessionRequest};
 use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
 /// Largest message a client may send (it should send none).
@@ -27,6 +28,7 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_SLOW: u16 = 4008;
 const CLOSE_REVOKED: u16 = 4003;
 const CLOSE_UNAVAILABLE: u16 = 1011;
+const CLOSE_REPLACED: u16 = 4009;
 
 pub async fn stream(
     State(gateway): State<Arc<Gateway>>,
@@ -36,28 +38,33 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let query = StreamQuery::parse(&pairs)?;
     let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
-    Ok(open(&gateway, upgrade, request, principal))
+    Ok(open_with(&gateway, upgrade, request, principal, None))
 }
 
-/// The WebSocket response of a session (also used by durable subscriptions).
-pub fn open(
+/// The WebSocket response of a session; an attachment to a durable subscription tracks its
+/// position.
+pub fn open_with(
     gateway: &Arc<Gateway>,
     upgrade: WebSocketUpgrade,
     request: SessionRequest,
     principal: Principal,
+    attachment: Option<Attachment>,
 ) -> Response {
     let gateway = gateway.clone();
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            let frames = streams::spawn(
+            let mut frames = streams::spawn(
                 gateway.sessions.clone(),
                 request,
                 &gateway.auth,
                 &principal,
                 gateway.shutdown.clone(),
             );
+            if let Some(attachment) = attachment {
+                frames = attachment.track(frames);
+            }
             serve(&gateway, socket, frames).await;
         })
 }
@@ -110,6 +117,7 @@ fn close_code(code: &str) -> u16 {
     match code {
         "slow" | "stalled" => CLOSE_SLOW,
         "revoked" => CLOSE_REVOKED,
+        "replaced" => CLOSE_REPLACED,
         "shutdown" => CLOSE_GOING_AWAY,
         _ => CLOSE_UNAVAILABLE,
     }

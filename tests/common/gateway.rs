@@ -63,7 +63,7 @@ impl GatewayProcess {
         ];
         args.extend_from_slice(extra);
         let process = StageProcess::start(&args, &[]);
-        let address: SocketAddr = wait_until(
+        let (address, scheme): (SocketAddr, &str) = wait_until(
             Duration::from_secs(60),
             "the gateway to listen",
             async || {
@@ -72,7 +72,13 @@ impl GatewayProcess {
                     .filter(|l| l.contains("gateway listening"))
                     .find_map(|line| {
                         let (_, rest) = line.split_once("address=")?;
-                        rest.split_whitespace().next()?.parse().ok()
+                        let address = rest.split_whitespace().next()?.parse().ok()?;
+                        let scheme = if line.contains("scheme=\"https\"") {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        Some((address, scheme))
                     })
                     .ok_or_else(|| format!("not listening yet:\n{log}"))
             },
@@ -81,7 +87,7 @@ impl GatewayProcess {
         GatewayProcess {
             process,
             api: Api {
-                base: format!("http://{address}"),
+                base: format!("{scheme}://{address}"),
             },
         }
     }
@@ -97,35 +103,6 @@ impl Api {
         self.base.trim_start_matches("http://")
     }
 
-    /// A user reading `filters` and a consumer key of theirs, made with the admin API; the key.
-    pub async fn consumer_key(&self, user: &str, filters: &[&str]) -> String {
-        let client = reqwest::Client::new();
-        let post = async |path: &str, body: Value| {
-            let response = client
-                .post(self.url(path))
-                .bearer_auth(ADMIN)
-                .json(&body)
-                .send()
-                .await
-                .expect("the gateway answers");
-            let status = response.status().as_u16();
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            assert_eq!(status, 201, "POST {path}: {body}");
-            body
-        };
-        post(
-            "/v1/admin/users",
-            serde_json::json!({"name": user, "filters": filters}),
-        )
-        .await;
-        let key = post(
-            "/v1/admin/keys",
-            serde_json::json!({"kind": "consumer", "user": user}),
-        )
-        .await;
-        key["key"].as_str().expect("the key, once").to_string()
-    }
-
     /// Posts JSON lines as one batch with the admin credential; returns status and answer.
     pub async fn post_lines(&self, topic: &str, lines: &[String], token: &str) -> (u16, Value) {
         let response = reqwest::Client::new()
@@ -138,6 +115,52 @@ impl Api {
             .expect("the gateway answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A JSON call with a credential: status and answer.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (u16, Value) {
+        let mut request = reqwest::Client::new().request(method, self.url(path));
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the gateway answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A user reading `filters` and a consumer key of theirs; returns the key.
+    pub async fn consumer_key(&self, user: &str, filters: &[&str]) -> (String, String) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/users",
+                Some(serde_json::json!({"name": user, "password": "a-long-password", "filters": filters})),
+                ADMIN,
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/keys",
+                Some(serde_json::json!({"kind": "consumer", "user": user})),
+                ADMIN,
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().unwrap().to_string(),
+            body["key"].as_str().unwrap().to_string(),
+        )
     }
 
     pub async fn sse(&self, query: &str, last_event_id: Option<&str>, token: &str) -> SseClient {
