@@ -632,3 +632,64 @@ async fn the_listener_serves_https_with_the_configured_certificate() {
     assert!(reqwest::get(format!("{plain}/v1/stream")).await.is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn sse_says_how_soon_to_reconnect_and_keeps_idle_connections_alive() {
+    use futures::StreamExt;
+    let (topics, database) = fixture("gw-alive").await;
+    let gateway = GatewayProcess::start(&topics, &database, &["--keep-alive-secs", "1"]).await;
+    let response = reqwest::Client::new()
+        .get(gateway.url("/v1/stream?filter=*:*"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    // Nothing is posted: only the start position, the retry hint and keep-alive comments come.
+    let retry_hint = |text: &str| text.lines().any(|l| l.replace(' ', "") == "retry:2000");
+    let comments = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(':') && l.contains("keep-alive"))
+            .count()
+    };
+    // One deadline for the whole wait: comments that never match must fail, not loop.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(retry_hint(&text) && comments(&text) >= 2) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("a retry hint and two keep-alive comments; got {text:?}"))
+            .expect("the stream stays open")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.starts_with("id:"), "the start position first: {text}");
+}
+
+#[tokio::test]
+async fn a_stream_can_start_at_the_earliest_event_or_at_a_time() {
+    let (topics, database) = fixture("gw-start").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    post_traffic(&gateway, &topics, 60, 0).await;
+    // A time after every event of the first batch and before any of the second.
+    let between = chrono::Utc::now() + chrono::Duration::milliseconds(2);
+    while chrono::Utc::now() <= between {
+        tokio::task::yield_now().await;
+    }
+    post_traffic(&gateway, &topics, 60, 60).await;
+    let mut earliest = Client::Sse(gateway.sse("filter=*:*&from=earliest", None, ADMIN).await);
+    assert_eq!(collect_events(&mut earliest, 120).await.len(), 120);
+    let time = between.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut since = Client::Ws(Box::new(
+        gateway.ws(&format!("filter=*:*&from={time}"), ADMIN).await,
+    ));
+    let frames = collect_events(&mut since, 60).await;
+    for frame in &frames {
+        let n = frame.data["value"]["payload"]["data"]["n"]
+            .as_u64()
+            .unwrap();
+        assert!(n >= 60, "event {n} is older than {time}");
+    }
+}

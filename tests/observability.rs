@@ -1,10 +1,12 @@
 //! Observability on the real stack: the four stages run fed with good and bad traffic (the store
-//! keeps the dispatcher's input and the log's, on a fresh database of its own), scraped
+//! keeps the dispatcher's input and the log's, on a fresh database of its own), and a gateway
+//! on that database takes posted events (good and bad) for the dispatcher's input and streams
+//! them to SSE and WebSocket clients, a durable subscription's and resuming ones; all scraped
 //! by a Prometheus running deploy/prometheus.yml; every query of every Grafana dashboard is
 //! evaluated through Prometheus's HTTP API and must return data.
 //!
 //! The stages bind their own ports (see `common::StageProcess`), so the Prometheus is the
-//! test's own: the stack's binary with deploy/prometheus.yml as it is, except that the four
+//! test's own: the stack's binary with deploy/prometheus.yml as it is, except that the five
 //! stage targets point at the ports the stages bound and the rule files are found from the
 //! repository. It binds its own port too. Nothing is fixed, so the test runs next to
 //! `scripts/demo` or another run of itself, and only its own stages can answer the queries.
@@ -15,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::gateway::{Client, GatewayProcess, SseClient, ADMIN};
 use common::StageProcess;
 use serde_json::{json, Value};
 
@@ -133,6 +136,11 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
+/// Reads a client's frames until its stream ends (or the task is aborted), as a browser would.
+fn keep_reading(mut client: Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while client.next().await.is_some() {} })
+}
+
 async fn prometheus_query(prometheus: &str, expr: &str) -> Vec<Value> {
     let url = url::Url::parse_with_params(&format!("{prometheus}/api/v1/query"), [("query", expr)])
         .unwrap();
@@ -226,15 +234,46 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         ],
         &[],
     );
-    for stage in [&dispatch, &log, &aggregate, &store] {
+    // The gateway serves the dispatcher's input, on the store's database (history, and
+    // catch-ups older than Kafka holds, read the store's table).
+    let gateway = GatewayProcess::start(std::slice::from_ref(&create), &store_url, &[]).await;
+    for stage in [&dispatch, &log, &aggregate, &store, &gateway.process] {
         stage.wait_ready().await;
     }
+    // Clients that stay: a live SSE and WebSocket stream, and an SSE attachment to a durable
+    // subscription. Each reads every frame as it comes.
+    let stream_query = format!("filter=*:*&topics={create}");
+    let subscription = format!("{base}-sub");
+    let (status, body) = gateway
+        .call(
+            reqwest::Method::PUT,
+            &format!("/v1/subscriptions/{subscription}"),
+            Some(json!({"filters": ["lk:*"], "topics": [&create]})),
+            ADMIN,
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let live_sse = gateway.sse(&stream_query, None, ADMIN).await;
+    assert_eq!(live_sse.status, 200, "{}", live_sse.error_body);
+    let attached = SseClient::connect(
+        &gateway.url(&format!("/v1/subscriptions/{subscription}/stream")),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(attached.status, 200, "{}", attached.error_body);
+    let readers = [
+        keep_reading(Client::Sse(live_sse)),
+        keep_reading(Client::Ws(Box::new(gateway.ws(&stream_query, ADMIN).await))),
+        keep_reading(Client::Sse(attached)),
+    ];
     // The targets deploy/prometheus.yml names for the stages, now where they listen.
     let prometheus = Prometheus::start(&[
         ("127.0.0.1:19464", dispatch.metrics_address().await),
         ("127.0.0.1:19465", log.metrics_address().await),
         ("127.0.0.1:19466", aggregate.metrics_address().await),
         ("127.0.0.1:19467", store.metrics_address().await),
+        ("127.0.0.1:19468", gateway.process.metrics_address().await),
     ])
     .await;
 
@@ -267,6 +306,26 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
             .collect();
         samples.push(("bad".into(), br#"{"name":"cpu","function":"median_of_medians","value":1,"timestamp":"2024-01-01T00:00:00Z"}"#.to_vec()));
         common::produce_all(&settings, &events, &samples).await;
+        // Through the gateway: envelopes and one malformed line (a 207, the bad line rejected).
+        let mut lines: Vec<String> = (0..10)
+            .map(|i| common::gateway::envelope("lk", "create_user", i, round))
+            .collect();
+        lines.push("{not json".into());
+        let (status, answer) = gateway.post_lines(&create, &lines, ADMIN).await;
+        assert_eq!(status, 207, "{answer}");
+        // A client resuming from the earliest offset (a catch-up read from Kafka) that leaves
+        // after its first event (dropped as gone).
+        let mut resuming = Client::Sse(
+            gateway
+                .sse(&format!("{stream_query}&from=earliest"), None, ADMIN)
+                .await,
+        );
+        while resuming
+            .next()
+            .await
+            .is_some_and(|frame| frame.kind != "event")
+        {}
+        drop(resuming);
         round += 1;
 
         let mut empty = Vec::new();
@@ -285,22 +344,26 @@ async fn every_dashboard_query_returns_data_for_a_running_pipeline() {
         "{} queries without data after {round} rounds of traffic",
         empty.len()
     );
-    for stage in [&dispatch, &log, &aggregate, &store] {
+    for stage in [&dispatch, &log, &aggregate, &store, &gateway.process] {
         common::assert_promtool_accepts(&stage.metrics().await);
     }
     let logs = format!(
-        "dispatch:\n{}\nlog:\n{}\naggregate:\n{}\nstore:\n{}",
+        "dispatch:\n{}\nlog:\n{}\naggregate:\n{}\nstore:\n{}\ngateway:\n{}",
         dispatch.log(),
         log.log(),
         aggregate.log(),
-        store.log()
+        store.log(),
+        gateway.process.log()
     );
     assert!(
         empty.is_empty(),
         "queries without data after {round} rounds of traffic:\n{}\n\n{logs}",
         empty.join("\n")
     );
-    for stage in [dispatch, log, aggregate, store] {
+    for reader in readers {
+        reader.abort();
+    }
+    for stage in [dispatch, log, aggregate, store, gateway.process] {
         let (status, output) = stage.terminate();
         assert!(status.success(), "{output}");
     }

@@ -59,7 +59,7 @@ pub struct GatewayArgs {
     /// PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key).
     #[arg(long, env = "EVENTPIPE_GATEWAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
+    /// PEM private key of --tls-cert, PKCS#8 (`openssl pkcs8 -topk8 -nocrypt` converts others).
     #[arg(long, env = "EVENTPIPE_GATEWAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 }
