@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingress;
 pub mod kafka;
 pub mod metrics;
+pub mod pages;
 pub mod session;
 pub mod settings;
 pub mod sse;
@@ -84,6 +85,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
         .merge(subscriptions::routes(gateway.clone()))
+        .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
         .layer(axum::middleware::from_fn(http::json_errors))
         .layer(axum::middleware::from_fn(http::count_requests))

@@ -12,7 +12,7 @@ use futures::stream;
 
 use crate::gateway::http::ApiError;
 use crate::gateway::session::Outgoing;
-use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::streams::{self, ConnectionGauge, SseEvents, StreamQuery};
 use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
@@ -26,15 +26,23 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let query = StreamQuery::parse(&pairs)?;
     let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
-    Ok(open_with(&gateway, request, &principal, None))
+    Ok(open_with(
+        &gateway,
+        request,
+        &principal,
+        None,
+        query.sse_events,
+    ))
 }
 
-/// The SSE response of a session; an attachment to a durable subscription tracks its position.
+/// The SSE response of a session, its frames named as `names` says; an attachment to a durable
+/// subscription tracks its position.
 pub fn open_with(
     gateway: &Arc<Gateway>,
     request: crate::gateway::session::SessionRequest,
     principal: &crate::gateway::auth::Principal,
     attachment: Option<Attachment>,
+    names: SseEvents,
 ) -> Response {
     let mut frames = streams::spawn(
         gateway.sessions.clone(),
@@ -57,7 +65,7 @@ pub fn open_with(
             let item = frames.recv().await?;
             streams::count_frame("sse", &item);
             let is_end = matches!(item, Outgoing::End { .. });
-            let mut event = frame(item);
+            let mut event = frame(item, names);
             if retry {
                 event = event.retry(RETRY);
             }
@@ -78,18 +86,25 @@ pub fn open_with(
     response
 }
 
-fn frame(item: Outgoing) -> SseEvent {
-    match item {
-        Outgoing::Event { event, id } => SseEvent::default()
+fn frame(item: Outgoing, names: SseEvents) -> SseEvent {
+    match (item, names) {
+        (Outgoing::Event { event, id }, SseEvents::Actions) => SseEvent::default()
             .id(id)
             .event(event.event_name())
             .data(&*event.json),
+        (Outgoing::Event { event, id }, SseEvents::Message) => {
+            SseEvent::default().id(id).data(&*event.json)
+        }
         // An id with no data moves the browser's Last-Event-ID without firing an event.
-        Outgoing::Position { id } => SseEvent::default().id(id),
-        Outgoing::Notice { kind, message } => SseEvent::default()
+        (Outgoing::Position { id }, SseEvents::Actions) => SseEvent::default().id(id),
+        (Outgoing::Position { id }, SseEvents::Message) => SseEvent::default()
+            .event("position")
+            .data(serde_json::json!({ "id": id }).to_string())
+            .id(id),
+        (Outgoing::Notice { kind, message }, _) => SseEvent::default()
             .event("notice")
             .data(serde_json::json!({ "kind": kind, "message": message }).to_string()),
-        Outgoing::End { code, reason } => SseEvent::default()
+        (Outgoing::End { code, reason }, _) => SseEvent::default()
             .event("disconnect")
             .data(serde_json::json!({ "code": code, "reason": reason }).to_string()),
     }

@@ -26,6 +26,20 @@ pub struct StreamQuery {
     /// `from` (WebSocket and SSE) or `last_event_id` (SSE's first connect).
     pub from: Option<String>,
     pub ticket: Option<String>,
+    /// How SSE names its frames (`sse_events=`); WebSocket frames always carry the action.
+    pub sse_events: SseEvents,
+}
+
+/// The `event:` names of an SSE stream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum SseEvents {
+    /// Each event frame named by its action; positions as id-only frames (the default).
+    #[default]
+    Actions,
+    /// For a browser's EventSource, which only sees the names it listens for and never an
+    /// id-only frame: events as `message` (the action stays in the data) and positions as
+    /// `position` events, so a page learns every cursor without knowing the actions in advance.
+    Message,
 }
 
 impl StreamQuery {
@@ -43,10 +57,22 @@ impl StreamQuery {
                 ),
                 "from" | "last_event_id" | "lastEventId" => query.from = Some(value.clone()),
                 "ticket" => query.ticket = Some(value.clone()),
+                "sse_events" => {
+                    query.sse_events = match value.as_str() {
+                        "action" => SseEvents::Actions,
+                        "message" => SseEvents::Message,
+                        other => {
+                            return Err(ApiError::bad_request(
+                                "bad_parameter",
+                                format!("sse_events={other:?}: expected action or message"),
+                            ))
+                        }
+                    }
+                }
                 other => {
                     return Err(ApiError::bad_request(
                         "unknown_parameter",
-                        format!("unknown query parameter {other:?} (expected filter, topics, from, last_event_id, ticket)"),
+                        format!("unknown query parameter {other:?} (expected filter, topics, from, last_event_id, ticket, sse_events)"),
                     ))
                 }
             }
@@ -161,5 +187,39 @@ pub fn count_frame(transport: &'static str, item: &Outgoing) {
             metrics::histogram!("eventpipe_gateway_delivery_latency_seconds", "transport" => transport)
                 .record((now - ms).max(0) as f64 / 1000.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
+        query
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn sse_events_names_frames_by_action_unless_asked_for_message() {
+        let parse = |query: &[(&str, &str)]| StreamQuery::parse(&pairs(query));
+        assert_eq!(
+            parse(&[("filter", "*:*")]).unwrap().sse_events,
+            SseEvents::Actions
+        );
+        assert_eq!(
+            parse(&[("sse_events", "message")]).unwrap().sse_events,
+            SseEvents::Message
+        );
+        assert_eq!(
+            parse(&[("sse_events", "action")]).unwrap().sse_events,
+            SseEvents::Actions
+        );
+        let refused = parse(&[("sse_events", "all")]).unwrap_err();
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (400, "bad_parameter")
+        );
     }
 }

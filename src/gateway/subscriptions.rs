@@ -375,12 +375,14 @@ async fn attach_sse(
     headers: HeaderMap,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
+    let names = StreamQuery::parse(&pairs)?.sse_events;
     let (principal, request, attachment) = attachment(&gateway, &name, &headers, &pairs).await?;
     Ok(sse::open_with(
         &gateway,
         request,
         &principal,
         Some(attachment),
+        names,
     ))
 }
 

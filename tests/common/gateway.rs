@@ -38,11 +38,22 @@ impl std::ops::Deref for GatewayProcess {
 impl GatewayProcess {
     /// `eventpipe gateway` serving `topics`, credentials and subscriptions in `database_url`.
     pub async fn start(topics: &[String], database_url: &str, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::start_on("127.0.0.1:0", topics, database_url, extra).await
+    }
+
+    /// [`GatewayProcess::start`] listening on `listen`: a gateway restarted where its clients
+    /// (a browser's page, say) knew the last one.
+    pub async fn start_on(
+        listen: &str,
+        topics: &[String],
+        database_url: &str,
+        extra: &[&str],
+    ) -> GatewayProcess {
         let topics = topics.join(",");
         let mut args = vec![
             "gateway",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--topics",
             &topics,
             "--admin-token",
@@ -85,6 +96,11 @@ impl GatewayProcess {
 impl Api {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `host:port` the gateway listens on.
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     /// Posts JSON lines as one batch with the admin credential; returns status and answer.

@@ -17,6 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
+pub mod browser;
 pub mod gateway;
 
 /// Settings as the stages would see them with `eval "$(scripts/stack env)"`.
