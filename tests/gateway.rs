@@ -333,9 +333,18 @@ async fn strangers_and_bad_requests_get_a_clear_status_and_reason() {
         .await
         .unwrap();
     assert_eq!(response.status(), 413);
-    let answer: Value = response.json().await.expect("413 in the JSON every answer has");
+    let answer: Value = response
+        .json()
+        .await
+        .expect("413 in the JSON every answer has");
     assert_eq!(answer["error"], "too_large", "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("max_body_bytes"), "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_body_bytes"),
+        "{answer}"
+    );
     let response = reqwest::Client::new()
         .post(gateway.url(&format!("/v1/topics/{topic}/events")))
         .bearer_auth(ADMIN)
