@@ -614,11 +614,20 @@ fn one_line(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+/// Variables of `scripts/stack` that share the prefix but set the local broker's ports, not a
+/// client property (librdkafka has neither `port` nor `controller.port`): a shell that moved the
+/// stack's ports must still run the stages.
+const STACK_ONLY_KAFKA_VARS: [&str; 2] =
+    ["EVENTPIPE_KAFKA_PORT", "EVENTPIPE_KAFKA_CONTROLLER_PORT"];
+
 /// Collects `EVENTPIPE_KAFKA_SOME_NAME=value` into `some.name=value`.
 pub fn kafka_properties_from_env(
     vars: impl Iterator<Item = (String, String)>,
 ) -> BTreeMap<String, String> {
     vars.filter_map(|(name, value)| {
+        if STACK_ONLY_KAFKA_VARS.contains(&name.as_str()) {
+            return None;
+        }
         let rest = name.strip_prefix(KAFKA_PROPERTY_ENV_PREFIX)?;
         if rest.is_empty() {
             return None;
@@ -757,6 +766,12 @@ mod tests {
                     "hunter2".to_string(),
                 ),
                 ("UNRELATED".to_string(), "x".to_string()),
+                // scripts/stack's broker ports: not client properties.
+                ("EVENTPIPE_KAFKA_PORT".to_string(), "29092".to_string()),
+                (
+                    "EVENTPIPE_KAFKA_CONTROLLER_PORT".to_string(),
+                    "29093".to_string(),
+                ),
             ]
             .into_iter(),
         );
