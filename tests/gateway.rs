@@ -705,3 +705,91 @@ async fn a_stream_can_start_at_the_earliest_event_or_at_a_time() {
         assert!(n >= 60, "event {n} is older than {time}");
     }
 }
+
+#[tokio::test]
+async fn a_producer_key_sends_only_as_its_service_and_the_gateway_stamps_and_keys_events() {
+    use reqwest::Method;
+    let (topics, database) = fixture("gw-producer").await;
+    let topic = &topics[0];
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let (status, issued) = gateway
+        .call(
+            Method::POST,
+            "/v1/admin/keys",
+            Some(serde_json::json!({"kind": "producer", "service": "lk"})),
+            ADMIN,
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    let producer = issued["key"].as_str().unwrap().to_string();
+    let unsigned = r#"{"action":"create_user","payload":{"message":"m","timestamp":"2026-12-01T09:00:00","data":{"user_id":42}}}"#;
+    let (status, answer) = gateway
+        .post_lines(topic, &[unsigned.to_string()], &producer)
+        .await;
+    assert_eq!(status, 200, "stamped with the key's service: {answer}");
+    let (status, answer) = gateway
+        .post_lines(topic, &[envelope("arm", "create_user", 7, 1)], &producer)
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["results"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("arm"),
+        "{answer}"
+    );
+    let (status, answer) = gateway
+        .post_lines(topic, &[envelope("lk", "update_user", 7, 2)], &producer)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let response = reqwest::Client::new()
+        .post(gateway.url(&format!("/v1/topics/{topic}/events?key=order-9")))
+        .bearer_auth(&producer)
+        .body(envelope("lk", "run_task", 7, 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, consumer) = gateway.consumer_key(&unique("reader"), &["*:*"]).await;
+    let (status, _) = gateway
+        .post_lines(topic, &[envelope("lk", "x", 1, 4)], &consumer)
+        .await;
+    assert_eq!(status, 403, "a consumer's key sends nothing");
+    // What Kafka holds: the three accepted events, each with its sender and type as headers and
+    // in the value, keyed by payload.data.user_id unless ?key= said otherwise.
+    let records = read_to_end(&settings(), topic);
+    let mut seen: Vec<(String, String, String, String)> = records
+        .iter()
+        .map(|m| {
+            let headers = common::headers(m);
+            let value = common::json(m);
+            assert_eq!(headers["service"], value["service"]);
+            assert_eq!(headers["action"], value["action"]);
+            (
+                common::key(m),
+                headers["service"].clone(),
+                headers["action"].clone(),
+                value["payload"]["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("42".into(), "lk".into(), "create_user".into(), "m".into()),
+            (
+                "7".into(),
+                "lk".into(),
+                "update_user".into(),
+                "event 2".into()
+            ),
+            (
+                "order-9".into(),
+                "lk".into(),
+                "run_task".into(),
+                "event 3".into()
+            ),
+        ]
+    );
+}

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::codec::{Codec, CodecError};
-use crate::envelope::{Envelope, DEFAULT_MAX_ENVELOPE_BYTES};
+use crate::envelope::{Envelope, EnvelopeRef, DEFAULT_MAX_ENVELOPE_BYTES};
 use crate::gateway::http::ApiError;
 use crate::gateway::Gateway;
 use crate::kafka::PipelineContext;
@@ -316,6 +316,29 @@ fn prepare(
             ),
         ));
     }
+    // The common case, an envelope that names its sender: validated in place as the dispatcher
+    // reads it (no JSON tree) and sent as the bytes that came.
+    if let Ok(envelope) = EnvelopeRef::decode(line.as_bytes(), DEFAULT_MAX_ENVELOPE_BYTES) {
+        if let Some(sender) = sender {
+            if envelope.service != sender {
+                return Err(ApiError::forbidden(format!(
+                    "this credential sends as {sender:?}; the envelope claims to be from {:?}",
+                    envelope.service
+                )));
+            }
+        }
+        let key = match key {
+            Some(key) => Some(key.to_string()),
+            None => key_of(&envelope, line, &ingress.key_field),
+        };
+        return Ok(Prepared {
+            value: line.as_bytes().to_vec(),
+            key,
+            service: envelope.service.into_owned(),
+            action: envelope.action.into_owned(),
+        });
+    }
+    // Anything else: a tree, to stamp a missing sender or to say precisely what is wrong.
     let mut value: Value = serde_json::from_str(line)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")))?;
     if let (Some(sender), Some(object)) = (sender, value.as_object_mut()) {
@@ -351,6 +374,22 @@ fn prepare(
         service: envelope.service,
         action: envelope.action,
     })
+}
+
+/// The record key at `pointer`: from `payload.data` alone when the pointer is inside it (the
+/// usual `/payload/data/user_id`), else from the whole envelope.
+fn key_of(envelope: &EnvelopeRef<'_>, line: &str, pointer: &str) -> Option<String> {
+    if pointer.is_empty() {
+        return None;
+    }
+    if let Some(inside) = pointer.strip_prefix("/payload/data") {
+        if inside.is_empty() || inside.starts_with('/') {
+            let data: Value = serde_json::from_str(envelope.payload.data?.get()).ok()?;
+            return key_from(&data, inside);
+        }
+    }
+    let value: Value = serde_json::from_str(line).ok()?;
+    key_from(&value, pointer)
 }
 
 fn kafka_error(error: &RdKafkaError) -> ApiError {
