@@ -395,7 +395,7 @@ async fn direct_ingress(
     let cpu = spent(cpu_before, cpu_seconds(std::process::id()));
     Ok(BenchResult::throughput(
         "gateway",
-        format!("baseline: FutureProducer, {window} in flight"),
+        format!("baseline: producer, {window} in flight"),
         records.len() as u64,
         seconds,
         cpu,
@@ -480,7 +480,7 @@ async fn gateway_ingress(
     Ok(BenchResult::throughput(
         "gateway",
         format!(
-            "gateway NDJSON {}/req, {} in flight",
+            "gateway NDJSON {}/req x{}",
             options.batch_lines, options.batches_in_flight
         ),
         accepted,
@@ -590,7 +590,7 @@ async fn gateway_single(
         latency_ms: Percentiles::of(&mut latencies),
         ..BenchResult::throughput(
             "gateway",
-            format!("gateway 1 event/req, {connections} conns"),
+            format!("gateway 1 event/req x{connections}"),
             records.len() as u64,
             seconds,
             cpu,
@@ -1375,17 +1375,14 @@ async fn fanout(
         }
     }
     let delivered: u64 = outcomes.iter().map(|o| o.frames).sum();
-    eprintln!(
-        "  {delivered} of {expected_total} expected frames; {incomplete} clients incomplete, {dropped} ended early{}",
-        if reasons.is_empty() {
-            String::new()
-        } else {
-            let counts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n}× {r}")).collect();
-            format!(": {}", counts.join(", "))
-        }
-    );
+    let ended = if reasons.is_empty() {
+        String::new()
+    } else {
+        let counts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n}× {r}")).collect();
+        format!(": {}", counts.join(", "))
+    };
     if incomplete > 0 {
-        println!("gateway fan-out {clients}: LOST FRAMES — {incomplete} of {clients} clients did not receive exactly what their filters select ({lost} frames short)");
+        println!("gateway fan-out {clients}: LOST FRAMES — {incomplete} of {clients} clients did not receive exactly what their filters select by the end of the drain (30 s at most after the traffic; {lost} of {expected_total} frames short); {dropped} streams ended early{ended}");
     } else {
         println!(
             "gateway fan-out {clients}: every client received exactly the events its filter selects"
@@ -1398,7 +1395,7 @@ async fn fanout(
         latency_ms: percentiles_ms(&mut direct_latencies),
         ..BenchResult::throughput(
             "gateway",
-            format!("baseline: consumer, {clients}-client run"),
+            format!("baseline: consumer, {clients} clients"),
             direct_latencies.len() as u64,
             seconds,
             None,
