@@ -600,5 +600,6 @@ async fn latency_run(
         ratio_to_baseline: None,
         latency_ms: Percentiles::of(&mut samples),
         server_cpu_seconds_per_million: None,
+        details: Default::default(),
     })
 }

@@ -4,6 +4,7 @@
 mod aggregate;
 mod broker;
 mod dispatch;
+mod gateway;
 mod history;
 mod log;
 mod measure;
@@ -47,6 +48,9 @@ enum Workload {
     /// The event store read back: "last 10" latency on a million events, a filtered range
     /// streamed (rows/s, peak RSS), and replay vs a raw produce of the same records.
     History(history::HistoryBenchOptions),
+    /// The gateway: NDJSON ingress vs a direct producer, single-event requests, and the live
+    /// fan-out to 1,000 and 10,000 SSE/WebSocket clients (latency, CPU, RSS per connection).
+    Gateway(gateway::GatewayBenchOptions),
     /// Rows per second of the event store into PostgreSQL vs one raw COPY of the same rows and a
     /// services-style Python consumer with psycopg, each into a fresh database.
     Store(store::StoreBenchOptions),
@@ -79,6 +83,9 @@ async fn run(
         }
         Workload::Store(options) => {
             store::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
+        }
+        Workload::Gateway(options) => {
+            gateway::run(&settings, &eventpipe(eventpipe_bin)?, options).await?
         }
     };
     measure::report(&results);
@@ -141,6 +148,14 @@ mod tests {
             panic!("store expected");
         };
         assert_eq!((options.records, options.partitions), (1000, 6));
+
+        let cli = Cli::try_parse_from(["eventpipe-bench", "gateway", "--clients", "100"]).unwrap();
+        let Workload::Gateway(options) = cli.workload else {
+            panic!("gateway expected");
+        };
+        assert_eq!(options.clients, [100]);
+        assert_eq!((options.events, options.rate), (200_000, 5_000));
+        assert_eq!(options.parts.len(), 3);
     }
 
     #[test]

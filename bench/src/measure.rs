@@ -1,6 +1,7 @@
 //! Measurement helpers for benchmarks: process CPU time and peak memory from /proc, watermark
 //! polling to know when a topic has received N records, and the result line format.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -92,18 +93,8 @@ pub fn read_backlog(
     n: u64,
     mut each: impl FnMut(&Record<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    // librdkafka wants a group even for a manual assignment.
-    let mut kafka = kafka.clone();
-    kafka
-        .properties
-        .insert("group.id".into(), format!("{topic}-backlog-reader"));
     let consumer: BaseConsumer<PipelineContext> =
-        create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
+        from_beginning(kafka, &format!("{topic}-backlog-reader"), topic, partitions)?;
     let name: Arc<str> = topic.into();
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut read = 0;
@@ -116,6 +107,28 @@ pub fn read_backlog(
         read += 1;
     }
     Ok(())
+}
+
+/// A consumer of `partitions` of `topic` from their beginning: a manual assignment, nothing
+/// committed (librdkafka still wants a group id: `group`).
+pub fn from_beginning<C>(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<C>
+where
+    C: Consumer<PipelineContext> + rdkafka::config::FromClientConfigAndContext<PipelineContext>,
+{
+    let mut kafka = kafka.clone();
+    kafka.properties.insert("group.id".into(), group.into());
+    let consumer: C = create_client(&kafka, ClientKind::Consumer, PipelineContext::default())?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 /// Sends one record, waiting while librdkafka's queue is full (the background thread drains it);
@@ -159,6 +172,10 @@ pub struct BenchResult {
     /// variant (PostgreSQL's backends), where the sink runs on this machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_seconds_per_million: Option<f64>,
+    /// Figures of this workload's own that the columns do not hold (e.g. the gateway's RSS per
+    /// idle connection, frames lost), by name; in the JSON line as fields of their own.
+    #[serde(flatten)]
+    pub details: BTreeMap<String, f64>,
 }
 
 impl BenchResult {
@@ -182,6 +199,7 @@ impl BenchResult {
             ratio_to_baseline: None,
             latency_ms: None,
             server_cpu_seconds_per_million: None,
+            details: BTreeMap::new(),
         }
     }
 }
@@ -258,9 +276,26 @@ pub fn report(results: &[BenchResult]) {
             opt(r.ratio_to_baseline, 3),
             latency
         );
+        if !r.details.is_empty() {
+            let details: Vec<String> = r
+                .details
+                .iter()
+                .map(|(name, value)| format!("{name}={}", round_for_display(*value)))
+                .collect();
+            println!("{:<10} {}", "", details.join(" "));
+        }
     }
     for r in results {
         println!("{}", serde_json::to_string(r).expect("results serialize"));
+    }
+}
+
+/// A detail's value as the table shows it: whole numbers as they are, others to 3 decimals.
+fn round_for_display(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
     }
 }
 
@@ -300,10 +335,19 @@ fn clock_ticks_per_second() -> f64 {
 
 /// Peak resident memory (VmHWM) of a process in MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    Some(status_kib(pid, "VmHWM:")? / 1024.0)
+}
+
+/// Resident memory now (VmRSS) of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` line of /proc/<pid>/status.
+fn status_kib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Watches a topic's high watermarks (the number of records written, for a fresh topic).
@@ -455,6 +499,7 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(peak_rss_mib(pid).unwrap() > 1.0);
+        assert!(rss_kib(pid).unwrap() > 1024.0);
         assert!(thread_cpu_seconds().unwrap() >= 0.0);
         assert!(children_cpu_seconds().unwrap() >= 0.0);
     }

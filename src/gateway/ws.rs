@@ -22,6 +22,12 @@ use crate::gateway::Gateway;
 /// Largest message a client may send (it should send none).
 const MAX_CLIENT_MESSAGE: usize = 4096;
 
+/// The read buffer of a connection: clients send only pongs and a close. tungstenite's default
+/// (128 KiB) is zero-filled on every read attempt — each time `serve` polls the socket after a
+/// frame — and stays resident: ~110 KiB of an idle connection's ~143 KiB and the gateway's top
+/// symbol (memset) under fan-out, per `scripts/bench gateway` (BENCHMARKS.md).
+const READ_BUFFER: usize = MAX_CLIENT_MESSAGE + 16;
+
 /// Close codes (4000–4999 are the application's).
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -54,6 +60,7 @@ pub fn open_with(
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let mut frames = streams::spawn(
                 gateway.sessions.clone(),
