@@ -395,6 +395,31 @@ impl Client {
     }
 }
 
+/// Like `collect_events`, but a `slow` disconnect (the gateway dropping a client that read too
+/// slowly, as it should under load) ends the read early, as a real client would before it
+/// reconnects with its cursor: the frames so far, and whether it was dropped.
+pub async fn collect_events_until_slow(client: &mut Client, expected: usize) -> (Vec<Frame>, bool) {
+    let mut events = Vec::new();
+    while events.len() < expected {
+        let frame = client.next().await.unwrap_or_else(|| {
+            panic!(
+                "the stream ended after {} of {expected} events",
+                events.len()
+            )
+        });
+        match frame.kind.as_str() {
+            "event" => events.push(frame),
+            "disconnect" if frame.data["code"] == "slow" => return (events, true),
+            "disconnect" => panic!(
+                "disconnected after {} of {expected}: {frame:?}",
+                events.len()
+            ),
+            _ => {}
+        }
+    }
+    (events, false)
+}
+
 /// Reads event frames until `expected` many arrived; checks each arrives once and in offset
 /// order per partition. Returns the event frames.
 pub async fn collect_events(client: &mut Client, expected: usize) -> Vec<Frame> {
