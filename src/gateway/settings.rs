@@ -9,7 +9,8 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::config::Settings;
-use crate::settings::{layer, ConfigError, FileTable, Setting};
+use crate::settings::{ConfigError, FileTable, Setting};
+use crate::store::settings::named_or_stored_topics;
 
 /// Flags of `eventpipe gateway`; each falls back to its environment variable, then the file.
 #[derive(Default, Clone, Args)]
@@ -233,29 +234,10 @@ impl GatewaySettings {
         let listen: SocketAddr = listen_text.parse().map_err(|e| {
             LISTEN.invalid(listen_text.clone(), format!("{e} (e.g. 127.0.0.1:19480)"))
         })?;
-        let topics = match layer(&args.topics, &file.topics) {
-            Some(topics) => {
-                for topic in &topics {
-                    TOPICS.resolve(&Some(topic.clone()), &None)?;
-                }
-                if topics.is_empty() {
-                    return Err(TOPICS.invalid("", "name at least one topic"));
-                }
-                topics
-            }
-            None => {
-                let path = TOPICS_FILE.resolve(&args.topics_file, &file.topics_file)?;
-                let stored = crate::topics::stored_topics(&path)
-                    .map_err(|e| TOPICS_FILE.invalid(path.display().to_string(), e))?;
-                if stored.is_empty() {
-                    return Err(TOPICS_FILE.invalid(
-                        path.display().to_string(),
-                        "marks no topic `stored = true`; name them with --topics",
-                    ));
-                }
-                stored
-            }
-        };
+        let topics = named_or_stored_topics(
+            (&TOPICS, &args.topics, &file.topics),
+            (&TOPICS_FILE, &args.topics_file, &file.topics_file),
+        )?;
         // Set but empty (`EVENTPIPE_GATEWAY_ADMIN_TOKEN=` in a compose file) means none.
         let admin_token = ADMIN_TOKEN
             .optional(&args.admin_token, &file.admin_token)?

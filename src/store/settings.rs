@@ -162,6 +162,36 @@ const DRAIN_TIMEOUT_SECS: Setting<u64> = Setting::new(
 .default(30)
 .at_least(1);
 
+/// The topics a stage names (`--topics`, each a valid name, at least one), else those the
+/// topics file marks `stored = true` (the store's inputs, the gateway's topics): each given as
+/// its setting with its flag and file values, so an error names the stage's own setting.
+pub fn named_or_stored_topics(
+    topics: (&Setting<String>, &Option<Vec<String>>, &Option<Vec<String>>),
+    topics_file: (&Setting<PathBuf>, &Option<PathBuf>, &Option<PathBuf>),
+) -> Result<Vec<String>, ConfigError> {
+    let (setting, flag, file) = topics;
+    if let Some(named) = layer(flag, file) {
+        for topic in &named {
+            setting.resolve(&Some(topic.clone()), &None)?;
+        }
+        if named.is_empty() {
+            return Err(setting.invalid("", "name at least one topic"));
+        }
+        return Ok(named);
+    }
+    let (setting, flag, file) = topics_file;
+    let path = setting.resolve(flag, file)?;
+    let stored = crate::topics::stored_topics(&path)
+        .map_err(|e| setting.invalid(path.display().to_string(), e))?;
+    if stored.is_empty() {
+        return Err(setting.invalid(
+            path.display().to_string(),
+            "marks no topic `stored = true`; name them with --topics",
+        ));
+    }
+    Ok(stored)
+}
+
 /// `30d`, `12h`, `90m`, `45s` or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -200,29 +230,10 @@ impl StoreSettings {
                 };
                 InputTopics::Pattern(pattern)
             }
-            None => match layer(&args.topics, &file.topics) {
-                Some(topics) => {
-                    for topic in &topics {
-                        TOPICS.resolve(&Some(topic.clone()), &None)?;
-                    }
-                    if topics.is_empty() {
-                        return Err(TOPICS.invalid("", "name at least one topic"));
-                    }
-                    InputTopics::Names(topics)
-                }
-                None => {
-                    let path = TOPICS_FILE.resolve(&args.topics_file, &file.topics_file)?;
-                    let stored = crate::topics::stored_topics(&path)
-                        .map_err(|e| TOPICS_FILE.invalid(path.display().to_string(), e))?;
-                    if stored.is_empty() {
-                        return Err(TOPICS_FILE.invalid(
-                            path.display().to_string(),
-                            "marks no topic `stored = true`; name them with --topics",
-                        ));
-                    }
-                    InputTopics::Names(stored)
-                }
-            },
+            None => InputTopics::Names(named_or_stored_topics(
+                (&TOPICS, &args.topics, &file.topics),
+                (&TOPICS_FILE, &args.topics_file, &file.topics_file),
+            )?),
         };
         let retry_initial_backoff_ms = RETRY_INITIAL_BACKOFF_MS.resolve(
             &args.retry_initial_backoff_ms,
