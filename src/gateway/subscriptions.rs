@@ -117,16 +117,32 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn load(pool: &PgPool, name: &str) -> Result<Row, ApiError> {
+async fn find(pool: &PgPool, name: &str) -> Result<Option<Row>, ApiError> {
     sqlx::query_as::<_, Row>(&format!("{SELECT} WHERE name = $2"))
         .bind(ACTIVE_WITHIN_SECS)
         .bind(name)
         .fetch_optional(pool)
         .await
-        .map_err(postgres)?
-        .ok_or_else(|| {
-            ApiError::not_found("unknown_subscription", format!("no subscription {name:?}"))
-        })
+        .map_err(postgres)
+}
+
+async fn load(pool: &PgPool, name: &str) -> Result<Row, ApiError> {
+    find(pool, name).await?.ok_or_else(|| {
+        ApiError::not_found("unknown_subscription", format!("no subscription {name:?}"))
+    })
+}
+
+/// The caller and the subscription it names, if the caller may use it.
+async fn owned(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    ticket: Option<&str>,
+    name: &str,
+) -> Result<(Principal, Row), ApiError> {
+    let principal = gateway.auth.authenticate(headers, ticket).await?;
+    let row = load(&gateway.pool, name).await?;
+    check_owner(&principal, &row)?;
+    Ok((principal, row))
 }
 
 /// Only the credential that made a subscription, or the admin, may use it.
@@ -167,9 +183,8 @@ impl Row {
 
 /// Active and sleeping subscriptions and the largest lag, for the gauges.
 pub async fn summary(gateway: &Gateway) -> Result<(u64, u64, u64), sqlx::Error> {
-    let rows = sqlx::query_as::<_, Row>(&format!("{SELECT} WHERE $2"))
+    let rows = sqlx::query_as::<_, Row>(SELECT)
         .bind(ACTIVE_WITHIN_SECS)
-        .bind(true)
         .fetch_all(&gateway.pool)
         .await?;
     let views: Vec<SubscriptionView> = rows.iter().map(|row| row.view(gateway)).collect();
@@ -199,9 +214,7 @@ async fn show(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let principal = gateway.auth.authenticate(&headers, None).await?;
-    let row = load(&gateway.pool, &name).await?;
-    check_owner(&principal, &row)?;
+    let (_, row) = owned(&gateway, &headers, None, &name).await?;
     Ok(Json(row.view(&gateway)).into_response())
 }
 
@@ -233,13 +246,7 @@ async fn put(
     }
     principal.may_read(&filters, &spec.topics)?;
     let filter_texts: Vec<String> = filters.filters().iter().map(|f| f.to_string()).collect();
-    if let Some(existing) = sqlx::query_as::<_, Row>(&format!("{SELECT} WHERE name = $2"))
-        .bind(ACTIVE_WITHIN_SECS)
-        .bind(&name)
-        .fetch_optional(&gateway.pool)
-        .await
-        .map_err(postgres)?
-    {
+    if let Some(existing) = find(&gateway.pool, &name).await? {
         check_owner(&principal, &existing)?;
         sqlx::query(
             "UPDATE gateway_subscriptions SET filters = $2, topics = $3, updated_at = now() \
@@ -294,9 +301,7 @@ async fn delete(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let principal = gateway.auth.authenticate(&headers, None).await?;
-    let row = load(&gateway.pool, &name).await?;
-    check_owner(&principal, &row)?;
+    owned(&gateway, &headers, None, &name).await?;
     sqlx::query("DELETE FROM gateway_subscriptions WHERE name = $1")
         .bind(&name)
         .execute(&gateway.pool)
@@ -320,12 +325,7 @@ async fn attachment(
             "a subscription's filters and topics are its own: change them with PUT",
         ));
     }
-    let principal = gateway
-        .auth
-        .authenticate(headers, query.ticket.as_deref())
-        .await?;
-    let row = load(&gateway.pool, name).await?;
-    check_owner(&principal, &row)?;
+    let (principal, row) = owned(gateway, headers, query.ticket.as_deref(), name).await?;
     let filters = FilterSet::parse(&row.filters)
         .map_err(|e| ApiError::internal(format!("stored filters: {e}")))?;
     // Its owner's rights may have narrowed since it was made.

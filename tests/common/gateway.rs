@@ -423,36 +423,25 @@ pub async fn collect_events_until_slow(client: &mut Client, expected: usize) -> 
 /// Reads event frames until `expected` many arrived; checks each arrives once and in offset
 /// order per partition. Returns the event frames.
 pub async fn collect_events(client: &mut Client, expected: usize) -> Vec<Frame> {
-    let mut events = Vec::new();
+    let (events, slow) = collect_events_until_slow(client, expected).await;
+    assert!(
+        !slow,
+        "dropped as slow after {} of {expected}",
+        events.len()
+    );
     let mut seen = HashSet::new();
     let mut last: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    while events.len() < expected {
-        let frame = client.next().await.unwrap_or_else(|| {
-            panic!(
-                "the stream ended after {} of {expected} events",
-                events.len()
-            )
-        });
-        match frame.kind.as_str() {
-            "event" => {
-                let (topic, partition, offset) = frame.coordinates();
-                assert!(
-                    seen.insert((topic.clone(), partition, offset)),
-                    "duplicate {topic}/{partition}/{offset}"
-                );
-                if let Some(previous) = last.insert((topic.clone(), partition), offset) {
-                    assert!(
-                        offset > previous,
-                        "{topic}/{partition}: {offset} after {previous}"
-                    );
-                }
-                events.push(frame);
-            }
-            "disconnect" => panic!(
-                "disconnected after {} of {expected}: {frame:?}",
-                events.len()
-            ),
-            _ => {}
+    for frame in &events {
+        let (topic, partition, offset) = frame.coordinates();
+        assert!(
+            seen.insert((topic.clone(), partition, offset)),
+            "duplicate {topic}/{partition}/{offset}"
+        );
+        if let Some(previous) = last.insert((topic.clone(), partition), offset) {
+            assert!(
+                offset > previous,
+                "{topic}/{partition}: {offset} after {previous}"
+            );
         }
     }
     events
