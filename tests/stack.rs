@@ -50,8 +50,8 @@ async fn kafka_delivers_every_record_once_in_key_order_with_headers() {
         }
     }
 
-    let messages =
-        common::consume(&settings, &topic, keys * per_key, Duration::from_secs(60)).await;
+    // Every send was acknowledged above, so the topic's content up to its end is the whole answer.
+    let messages = common::read_to_end(&settings, &topic);
     assert_eq!(messages.len(), keys * per_key, "every record arrives");
     let mut seen = HashSet::new();
     let mut last_seq: BTreeMap<String, i64> = BTreeMap::new();
