@@ -5,7 +5,6 @@
 //! and versioned by its first byte so the format can change without breaking stored positions.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -83,17 +82,22 @@ impl Cursor {
         self.positions.values().all(BTreeMap::is_empty)
     }
 
-    /// The opaque id clients echo back.
+    /// The opaque id clients echo back. Made for every frame of every connection, so it is
+    /// written without the formatting machinery and base64-encoded into one allocation.
     pub fn encode(&self) -> String {
-        let mut text = String::with_capacity(16 + 24 * self.positions.len());
-        text.push(VERSION);
+        let mut text = Vec::with_capacity(16 + 24 * self.positions.len());
+        let mut digits = itoa::Buffer::new();
+        text.push(VERSION as u8);
         for (index, (topic, partitions)) in self.positions.iter().enumerate() {
             if index > 0 {
-                text.push(';');
+                text.push(b';');
             }
-            text.push_str(topic);
+            text.extend_from_slice(topic.as_bytes());
             for (partition, offset) in partitions {
-                let _ = write!(text, "@{partition}.{offset}");
+                text.push(b'@');
+                text.extend_from_slice(digits.format(*partition).as_bytes());
+                text.push(b'.');
+                text.extend_from_slice(digits.format(*offset).as_bytes());
             }
         }
         URL_SAFE_NO_PAD.encode(text)

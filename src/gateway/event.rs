@@ -31,7 +31,8 @@ pub struct Event {
     pub timestamp_ms: Option<i64>,
     /// A replayed event (it carries `eventpipe.replay.*` headers).
     pub replay: bool,
-    /// The frame's data: the event as JSON.
+    /// The frame's data: the event as JSON, on one line (`one_line`), so SSE sends it as a
+    /// single `data:` field without scanning it per connection.
     pub json: Box<str>,
 }
 
@@ -111,7 +112,7 @@ impl Event {
             action: row.action.as_str().into(),
             timestamp_ms,
             replay,
-            json: json.into(),
+            json: one_line(json),
         }
     }
 
@@ -129,7 +130,7 @@ impl Event {
             action: stored.action.as_str().into(),
             timestamp_ms: Some(stored.kafka_time.timestamp_millis()),
             replay,
-            json: serde_json::to_string(stored).unwrap_or_default().into(),
+            json: one_line(serde_json::to_string(stored).unwrap_or_default()),
         }
     }
 
@@ -148,8 +149,34 @@ impl Event {
     }
 }
 
+/// `json` with its line breaks made spaces. A raw value embedded as it was produced may be
+/// pretty-printed; JSON allows a raw line break only as whitespace between tokens (never inside a
+/// string), so this changes no value.
+fn one_line(json: String) -> Box<str> {
+    if json.contains(['\n', '\r']) {
+        json.replace(['\n', '\r'], " ").into()
+    } else {
+        json.into()
+    }
+}
+
 fn raw_json(json: &[u8]) -> Option<&RawValue> {
     std::str::from_utf8(json)
         .ok()
         .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pretty_printed_value_becomes_one_line_with_the_same_value() {
+        let pretty = "{\r\n  \"a\": [1,\n 2],\n\t\"b\": \"x\\ny\"\r}".to_string();
+        let line = one_line(pretty.clone());
+        assert!(!line.contains(['\n', '\r']));
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+        assert_eq!(parse(&line), parse(&pretty));
+        assert_eq!(parse(&line)["b"], "x\ny", "an escaped line break stays");
+    }
 }

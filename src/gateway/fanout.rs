@@ -162,6 +162,30 @@ impl Hub {
         state.remove(id);
     }
 
+    /// Moves the reader's position past an event no connection selects, and says so; `false`
+    /// (nothing moved) when some connection wants it. The check and the move are under the lock
+    /// registration takes, so a connection that joins afterwards starts after the event and is
+    /// owed nothing — the reader can skip building an event nobody reads.
+    pub fn skip_unwanted(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        service: &str,
+        action: &str,
+    ) -> bool {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let wanted = state
+            .selecting(service, action)
+            .filter_map(|id| state.subscribers.get(id))
+            .any(|subscriber| subscriber.reads(topic));
+        if !wanted {
+            state.positions.advance(topic, partition, offset);
+        }
+        !wanted
+    }
+
     /// Hands `event` to every connection that selects it; a full queue marks its connection
     /// slow and drops it. Advances the reader's position past the event.
     pub fn publish(&self, event: &Arc<Event>) -> Published {
@@ -174,22 +198,26 @@ impl Hub {
         let stamp = state.stamp;
         let mut published = Published::default();
         let mut dropped: Vec<u64> = Vec::new();
-        let lists = [
-            state
-                .exact
-                .get(&*event.service)
-                .and_then(|actions| actions.get(&*event.action)),
-            state.by_service.get(&*event.service),
-            state.by_action.get(&*event.action),
-            Some(&state.everything),
-        ];
-        for id in lists.into_iter().flatten().flatten() {
-            let Some(subscriber) = state.subscribers.get_mut(id) else {
+        let HubState {
+            exact,
+            by_service,
+            by_action,
+            everything,
+            subscribers,
+            ..
+        } = state;
+        for id in selecting(
+            exact,
+            by_service,
+            by_action,
+            everything,
+            &event.service,
+            &event.action,
+        ) {
+            let Some(subscriber) = subscribers.get_mut(id) else {
                 continue;
             };
-            if subscriber.stamp == stamp
-                || !(subscriber.topics.is_empty() || subscriber.topics.contains(&event.topic))
-            {
+            if subscriber.stamp == stamp || !subscriber.reads(&event.topic) {
                 continue;
             }
             subscriber.stamp = stamp;
@@ -210,7 +238,44 @@ impl Hub {
     }
 }
 
+/// The ids listed under an event's sender and type (a subscriber may appear more than once).
+fn selecting<'s>(
+    exact: &'s HashMap<Box<str>, HashMap<Box<str>, Vec<u64>>>,
+    by_service: &'s HashMap<Box<str>, Vec<u64>>,
+    by_action: &'s HashMap<Box<str>, Vec<u64>>,
+    everything: &'s [u64],
+    service: &str,
+    action: &str,
+) -> impl Iterator<Item = &'s u64> {
+    [
+        exact.get(service).and_then(|actions| actions.get(action)),
+        by_service.get(service),
+        by_action.get(action),
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .chain(everything)
+}
+
+impl Subscriber {
+    fn reads(&self, topic: &str) -> bool {
+        self.topics.is_empty() || self.topics.iter().any(|t| &**t == topic)
+    }
+}
+
 impl HubState {
+    fn selecting<'s>(&'s self, service: &str, action: &str) -> impl Iterator<Item = &'s u64> {
+        selecting(
+            &self.exact,
+            &self.by_service,
+            &self.by_action,
+            &self.everything,
+            service,
+            action,
+        )
+    }
+
     fn remove(&mut self, id: u64) {
         let Some(subscriber) = self.subscribers.remove(&id) else {
             return;
@@ -310,6 +375,30 @@ mod tests {
         assert_eq!(hub.connections(), 0);
         let state = hub.lock();
         assert!(state.everything.is_empty() && state.exact.is_empty());
+    }
+
+    #[test]
+    fn an_event_nobody_selects_is_skipped_and_a_later_feed_starts_after_it() {
+        let hub = Hub::new(10);
+        hub.set_position("t", 0, 5);
+        let mut lk = hub.register(FilterSet::parse(&["lk:*"]).unwrap(), &[]);
+        let mut other_topic = hub.register(FilterSet::everything(), &["u".into()]);
+        assert!(
+            hub.skip_unwanted("t", 0, 5, "arm", "x"),
+            "nobody reads arm on t"
+        );
+        assert_eq!(hub.positions(&[]).get("t", 0), Some(6));
+        assert!(!hub.skip_unwanted("t", 0, 6, "lk", "x"), "lk:* wants it");
+        assert_eq!(
+            hub.positions(&[]).get("t", 0),
+            Some(6),
+            "not moved: it is published"
+        );
+        hub.publish(&event("t", 0, 6, "lk", "x"));
+        assert_eq!(drain(&mut lk), [6]);
+        assert!(drain(&mut other_topic).is_empty());
+        let late = hub.register(FilterSet::everything(), &[]);
+        assert_eq!(late.start.get("t", 0), Some(7));
     }
 
     #[test]

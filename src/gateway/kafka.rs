@@ -253,6 +253,11 @@ async fn run_loop(
     consumer: &StreamConsumer<PipelineContext>,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaError> {
+    // Handles looked up once, not per event (a labelled counter is a registry look-up).
+    let mut read_by_topic: HashMap<Arc<str>, metrics::Counter> = HashMap::new();
+    let queued = metrics::counter!("eventpipe_gateway_frames_queued_total");
+    let dropped_slow =
+        metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "slow");
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -268,16 +273,45 @@ async fn run_loop(
         let Some(topic) = side.topic(message.topic()).cloned() else {
             continue;
         };
+        read_by_topic
+            .entry(topic.clone())
+            .or_insert_with(|| metrics::counter!("eventpipe_gateway_events_read_total", "topic" => topic.to_string()))
+            .increment(1);
+        if nobody_selects(hub, &message, &topic) {
+            continue;
+        }
         let event = Arc::new(side.event(&message, &topic).await);
         let published = hub.publish(&event);
-        metrics::counter!("eventpipe_gateway_events_read_total", "topic" => topic.to_string())
-            .increment(1);
-        metrics::counter!("eventpipe_gateway_frames_queued_total")
-            .increment(published.delivered as u64);
+        queued.increment(published.delivered as u64);
         if published.dropped_slow > 0 {
-            metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "slow")
-                .increment(published.dropped_slow as u64);
+            dropped_slow.increment(published.dropped_slow as u64);
         }
+    }
+}
+
+/// Whether no connection selects this record, judged by its `service`/`action` headers (an
+/// event without them is built, as its sender and type are in its body); the hub then moves past
+/// it without the event's JSON ever being made.
+fn nobody_selects(
+    hub: &Hub,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    topic: &Arc<str>,
+) -> bool {
+    let record = message.record(topic);
+    let header = |name| {
+        record
+            .header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    match (header("service"), header("action")) {
+        (Some(service), Some(action)) => hub.skip_unwanted(
+            topic,
+            message.partition(),
+            message.offset(),
+            service,
+            action,
+        ),
+        _ => false,
     }
 }
 

@@ -411,29 +411,35 @@ fn no_events_table(error: &history::HistoryError) -> bool {
     }
 }
 
-/// Live events until the feed ends.
+/// Live events until the feed ends, taken from the feed as many at a time as are waiting.
 async fn live(mut feed: LiveFeed, cursor: &mut Cursor, writer: &Writer) -> Ended {
+    let mut batch = Vec::with_capacity(LIVE_BATCH);
     loop {
-        let Some(event) = feed.receiver.recv().await else {
+        if feed.receiver.recv_many(&mut batch, LIVE_BATCH).await == 0 {
             return if feed.was_slow() {
                 Ended::Slow
             } else {
                 Ended::Failed
             };
-        };
-        if cursor
-            .get(&event.topic, event.partition)
-            .is_some_and(|next| event.offset < next)
-        {
-            continue;
         }
-        cursor.advance(&event.topic, event.partition, event.offset);
-        let id = cursor.encode();
-        if let Err(ended) = writer.send(Outgoing::Event { event, id }).await {
-            return ended;
+        for event in batch.drain(..) {
+            if cursor
+                .get(&event.topic, event.partition)
+                .is_some_and(|next| event.offset < next)
+            {
+                continue;
+            }
+            cursor.advance(&event.topic, event.partition, event.offset);
+            let id = cursor.encode();
+            if let Err(ended) = writer.send(Outgoing::Event { event, id }).await {
+                return ended;
+            }
         }
     }
 }
+
+/// Live events taken from the feed at once, at most.
+const LIVE_BATCH: usize = 64;
 
 /// The transport's queue, with the write timeout.
 struct Writer {
@@ -443,6 +449,12 @@ struct Writer {
 
 impl Writer {
     async fn send(&self, item: Outgoing) -> Result<(), Ended> {
+        // The transport usually has room: no timer and no wait for that case.
+        let item = match self.out.try_send(item) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ended::ClientGone),
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
         match tokio::time::timeout(self.timeout, self.out.send(item)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Ended::ClientGone),

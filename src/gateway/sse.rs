@@ -4,20 +4,23 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream;
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::gateway::http::ApiError;
 use crate::gateway::session::Outgoing;
-use crate::gateway::streams::{self, ConnectionGauge, SseEvents, StreamQuery};
+use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, SseEvents, StreamQuery};
 use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
-/// How long a browser waits before reconnecting (the `retry:` hint).
-const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a browser waits before reconnecting (the `retry:` hint), in milliseconds.
+const RETRY_MS: u32 = 2000;
 
 pub async fn stream(
     State(gateway): State<Arc<Gateway>>,
@@ -54,58 +57,118 @@ pub fn open_with(
     if let Some(attachment) = attachment {
         frames = attachment.track(frames);
     }
-    let gauge = ConnectionGauge::open("sse");
-    let mut first = true;
-    let events = stream::unfold((frames, gauge, false), move |(mut frames, gauge, ended)| {
-        let retry = std::mem::take(&mut first);
-        async move {
-            if ended {
-                return None;
-            }
-            let item = frames.recv().await?;
-            streams::count_frame("sse", &item);
-            let is_end = matches!(item, Outgoing::End { .. });
-            let mut event = frame(item, names);
-            if retry {
-                event = event.retry(RETRY);
-            }
-            Some((Ok::<_, Infallible>(event), (frames, gauge, is_end)))
-        }
+    let keep_alive = {
+        let period = gateway.settings.keep_alive;
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        interval
+    };
+    let writer = SseWriter {
+        frames,
+        names,
+        keep_alive,
+        batch: Vec::with_capacity(streams::WRITE_BATCH),
+        first: true,
+        ended: false,
+        meter: FrameMeter::new("sse"),
+        _gauge: ConnectionGauge::open("sse"),
+    };
+    let chunks = stream::unfold(writer, |mut writer| async move {
+        let chunk = writer.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), writer))
     });
-    let mut response = Sse::new(events)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(gateway.settings.keep_alive)
-                .text("keep-alive"),
-        )
-        .into_response();
+    let mut response = Body::from_stream(chunks).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Proxies (nginx) must pass frames through as they come.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
-fn frame(item: Outgoing, names: SseEvents) -> SseEvent {
+/// One connection's frames as SSE text. Every frame waiting in the queue goes into one chunk, so
+/// a client that has several gets one socket write; the keep-alive is a fixed-period timer, not
+/// one re-armed per frame.
+struct SseWriter {
+    frames: mpsc::Receiver<Outgoing>,
+    names: SseEvents,
+    keep_alive: Interval,
+    batch: Vec<Outgoing>,
+    first: bool,
+    ended: bool,
+    meter: FrameMeter,
+    _gauge: ConnectionGauge,
+}
+
+impl SseWriter {
+    /// The next chunk to write; `None` when the stream is over.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.ended {
+            return None;
+        }
+        let mut text = BytesMut::new();
+        tokio::select! {
+            received = self.frames.recv_many(&mut self.batch, streams::WRITE_BATCH) => {
+                if received == 0 {
+                    return None;
+                }
+                self.meter.count(&self.batch);
+                for item in self.batch.drain(..) {
+                    self.ended |= matches!(item, Outgoing::End { .. });
+                    write_frame(&mut text, item, self.names);
+                }
+            }
+            _ = self.keep_alive.tick() => text.put_slice(b":keep-alive\n\n"),
+        }
+        // The hint rides after the first frame (the start position), in a block of its own.
+        if std::mem::take(&mut self.first) {
+            text.put_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
+        }
+        Some(text.freeze())
+    }
+}
+
+/// One frame: `id:`, `event:` and one `data:` line (the event's JSON is one line: event.rs).
+fn write_frame(text: &mut BytesMut, item: Outgoing, names: SseEvents) {
+    let mut field = |name: &str, value: &str| {
+        text.reserve(name.len() + value.len() + 3);
+        text.put_slice(name.as_bytes());
+        text.put_slice(b": ");
+        text.put_slice(value.as_bytes());
+        text.put_u8(b'\n');
+    };
     match (item, names) {
-        (Outgoing::Event { event, id }, SseEvents::Actions) => SseEvent::default()
-            .id(id)
-            .event(event.event_name())
-            .data(&*event.json),
-        (Outgoing::Event { event, id }, SseEvents::Message) => {
-            SseEvent::default().id(id).data(&*event.json)
+        (Outgoing::Event { event, id }, names) => {
+            field("id", &id);
+            if names == SseEvents::Actions {
+                field("event", event.event_name());
+            }
+            field("data", &event.json);
         }
         // An id with no data moves the browser's Last-Event-ID without firing an event.
-        (Outgoing::Position { id }, SseEvents::Actions) => SseEvent::default().id(id),
-        (Outgoing::Position { id }, SseEvents::Message) => SseEvent::default()
-            .event("position")
-            .data(serde_json::json!({ "id": id }).to_string())
-            .id(id),
-        (Outgoing::Notice { kind, message }, _) => SseEvent::default()
-            .event("notice")
-            .data(serde_json::json!({ "kind": kind, "message": message }).to_string()),
-        (Outgoing::End { code, reason }, _) => SseEvent::default()
-            .event("disconnect")
-            .data(serde_json::json!({ "code": code, "reason": reason }).to_string()),
+        (Outgoing::Position { id }, SseEvents::Actions) => field("id", &id),
+        (Outgoing::Position { id }, SseEvents::Message) => {
+            field("id", &id);
+            field("event", "position");
+            field("data", &serde_json::json!({ "id": id }).to_string());
+        }
+        (Outgoing::Notice { kind, message }, _) => {
+            field("event", "notice");
+            field(
+                "data",
+                &serde_json::json!({ "kind": kind, "message": message }).to_string(),
+            );
+        }
+        (Outgoing::End { code, reason }, _) => {
+            field("event", "disconnect");
+            field(
+                "data",
+                &serde_json::json!({ "code": code, "reason": reason }).to_string(),
+            );
+        }
     }
+    text.put_u8(b'\n');
 }

@@ -178,16 +178,51 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// Counts a frame written and, for an event, how long after its Kafka time it left.
-pub fn count_frame(transport: &'static str, item: &Outgoing) {
-    metrics::counter!("eventpipe_gateway_frames_sent_total", "transport" => transport).increment(1);
-    if let Outgoing::Event { event, .. } = item {
-        if let Some(ms) = event.timestamp_ms {
-            let now = chrono::Utc::now().timestamp_millis();
-            metrics::histogram!("eventpipe_gateway_delivery_latency_seconds", "transport" => transport)
-                .record((now - ms).max(0) as f64 / 1000.0);
+/// How many frames a transport takes from its queue before it writes them out at once: a client
+/// with several waiting gets one socket write for all of them, not one each.
+pub const WRITE_BATCH: usize = 64;
+
+/// A connection's frame counter and delivery-latency histogram, looked up once per connection
+/// rather than once per frame (a labelled `metrics::counter!` is a registry look-up).
+pub struct FrameMeter {
+    frames: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl FrameMeter {
+    pub fn new(transport: &'static str) -> FrameMeter {
+        FrameMeter {
+            frames: metrics::counter!("eventpipe_gateway_frames_sent_total", "transport" => transport),
+            latency: metrics::histogram!("eventpipe_gateway_delivery_latency_seconds", "transport" => transport),
         }
     }
+
+    /// Counts the frames of one write and, for each event, how long after its Kafka time it left.
+    pub fn count(&self, items: &[Outgoing]) {
+        self.frames.increment(items.len() as u64);
+        let mut now_ms = None;
+        for item in items {
+            if let Outgoing::Event { event, .. } = item {
+                if let Some(ms) = event.timestamp_ms {
+                    let now = *now_ms.get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
+                    self.latency.record((now - ms).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+    }
+}
+
+/// `future`, given at most `limit`; a timer is armed only when it does not complete at once —
+/// a write to a client that keeps up never touches the timer wheel.
+pub async fn within<F: std::future::Future>(
+    limit: std::time::Duration,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut future = std::pin::pin!(future);
+    if let std::task::Poll::Ready(output) = futures::poll!(future.as_mut()) {
+        return Ok(output);
+    }
+    tokio::time::timeout(limit, future).await
 }
 
 #[cfg(test)]

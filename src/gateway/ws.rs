@@ -10,12 +10,13 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures::SinkExt;
 use tokio::sync::mpsc;
 
 use crate::gateway::auth::Principal;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::{Outgoing, SessionRequest};
-use crate::gateway::streams::{self, ConnectionGauge, StreamQuery};
+use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, StreamQuery};
 use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
@@ -78,26 +79,48 @@ pub fn open_with(
 
 async fn serve(gateway: &Gateway, mut socket: WebSocket, mut frames: mpsc::Receiver<Outgoing>) {
     let _gauge = ConnectionGauge::open("ws");
+    let meter = FrameMeter::new("ws");
     let timeout = gateway.settings.write_timeout;
     let mut ping = tokio::time::interval(gateway.settings.keep_alive);
     ping.tick().await;
+    let mut batch = Vec::with_capacity(streams::WRITE_BATCH);
     loop {
-        let message = tokio::select! {
-            item = frames.recv() => match item {
-                Some(item) => {
-                    streams::count_frame("ws", &item);
-                    match item {
-                        Outgoing::End { code, reason } => {
-                            let _ = tokio::time::timeout(timeout, socket.send(Message::Text(end_json(code, &reason).into()))).await;
-                            close(&mut socket, close_code(code), &reason, timeout).await;
-                            return;
-                        }
-                        other => Message::Text(text(other).into()),
-                    }
+        tokio::select! {
+            received = frames.recv_many(&mut batch, streams::WRITE_BATCH) => {
+                if received == 0 {
+                    return;
                 }
-                None => return,
-            },
-            _ = ping.tick() => Message::Ping(Default::default()),
+                meter.count(&batch);
+                // Every waiting frame is queued, then one flush writes them out together.
+                let mut end = None;
+                let written = streams::within(timeout, async {
+                    for item in batch.drain(..) {
+                        match item {
+                            Outgoing::End { code, reason } => {
+                                end = Some((code, reason));
+                                break;
+                            }
+                            other => socket.feed(Message::Text(text(other).into())).await?,
+                        }
+                    }
+                    socket.flush().await
+                })
+                .await;
+                batch.clear();
+                if !wrote(written) {
+                    return;
+                }
+                if let Some((code, reason)) = end {
+                    let _ = tokio::time::timeout(timeout, socket.send(Message::Text(end_json(code, &reason).into()))).await;
+                    close(&mut socket, close_code(code), &reason, timeout).await;
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if !wrote(streams::within(timeout, socket.send(Message::Ping(Default::default()))).await) {
+                    return;
+                }
+            }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(Message::Pong(_) | Message::Ping(_))) => continue,
@@ -107,15 +130,20 @@ async fn serve(gateway: &Gateway, mut socket: WebSocket, mut frames: mpsc::Recei
                     return;
                 }
             },
-        };
-        match tokio::time::timeout(timeout, socket.send(message)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "stalled")
-                    .increment(1);
-                return;
-            }
+        }
+    }
+}
+
+/// Whether a write went through; a client that accepted nothing for the write timeout is
+/// counted as stalled.
+fn wrote(outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>) -> bool {
+    match outcome {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "stalled")
+                .increment(1);
+            false
         }
     }
 }
