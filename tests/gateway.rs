@@ -12,8 +12,12 @@ use common::gateway::{
     collect_events, collect_events_until_slow, envelope, Api, Client, Frame, GatewayProcess,
     SseClient, WsClient, ADMIN,
 };
-use common::{create_topic, fresh_database_url, read_to_end, settings, unique};
+use common::{
+    create_topic, fresh_database_url, grow_topic, produce_to_partitions, read_to_end, settings,
+    unique,
+};
 use eventpipe::filter::FilterSet;
+use rdkafka::Message;
 use serde_json::Value;
 
 const SENDERS: [&str; 3] = ["lk", "arm", "ops"];
@@ -794,4 +798,45 @@ async fn a_producer_key_sends_only_as_its_service_and_the_gateway_stamps_and_key
             ),
         ]
     );
+}
+
+#[tokio::test]
+async fn partitions_added_to_a_served_topic_are_followed_live_and_by_resuming_clients() {
+    let (topics, database) = fixture("gw-grow").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let mut live = Client::Sse(gateway.sse("filter=*:*", None, ADMIN).await);
+    let before_growth = live.started().await;
+    let mut ws = Client::Ws(Box::new(gateway.ws("filter=lk:*", ADMIN).await));
+    ws.started().await;
+
+    grow_topic(&settings(), &topics[0], 5).await;
+    let records: Vec<(i32, String, Vec<u8>)> = (0..20u64)
+        .map(|n| {
+            let service = SENDERS[(n % 2) as usize];
+            let line = envelope(service, "create_user", n, n);
+            (3 + (n % 2) as i32, format!("user-{n}"), line.into_bytes())
+        })
+        .collect();
+    produce_to_partitions(&settings(), &topics[0], &records).await;
+
+    // Nothing was posted to the old partitions: every event is from a new one, once, in order.
+    let expected: BTreeMap<(String, i64, i64), ()> = read_to_end(&settings(), &topics[0])
+        .iter()
+        .map(|m| ((topics[0].clone(), m.partition() as i64, m.offset()), ()))
+        .collect();
+    assert_eq!(expected.len(), 20);
+    let arrived = collect_events(&mut live, 20).await;
+    let mut got: Vec<_> = arrived.iter().map(Frame::coordinates).collect();
+    got.sort();
+    assert_eq!(got, expected.keys().cloned().collect::<Vec<_>>());
+    let lk_only = collect_events(&mut ws, 10).await;
+    assert!(lk_only.iter().all(|f| f.data["service"] == "lk"));
+
+    // A client resuming from a cursor made before the growth has seen nothing of the new
+    // partitions: it gets all of them.
+    let mut resumed = Client::Sse(gateway.sse("filter=*:*", Some(&before_growth), ADMIN).await);
+    let again = collect_events(&mut resumed, 20).await;
+    let mut again: Vec<_> = again.iter().map(Frame::coordinates).collect();
+    again.sort();
+    assert_eq!(again, expected.keys().cloned().collect::<Vec<_>>());
 }

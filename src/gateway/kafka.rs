@@ -5,7 +5,7 @@
 //! and a client's position is its cursor.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -35,7 +35,8 @@ pub struct KafkaSide {
     lookups: Arc<BaseConsumer<PipelineContext>>,
     /// One `Arc<str>` per served topic.
     topics: HashMap<String, Arc<str>>,
-    partitions: Vec<(Arc<str>, i32)>,
+    /// Every served partition, sorted; grows when a topic gains partitions (`LiveReader`).
+    partitions: RwLock<Vec<(Arc<str>, i32)>>,
 }
 
 impl KafkaSide {
@@ -81,23 +82,48 @@ impl KafkaSide {
             registry,
             lookups: Arc::new(lookups),
             topics: interned,
-            partitions,
+            partitions: RwLock::new(partitions),
         })
     }
 
     /// Every served partition.
-    pub fn partitions(&self) -> &[(Arc<str>, i32)] {
-        &self.partitions
+    pub fn partitions(&self) -> Vec<(Arc<str>, i32)> {
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    pub fn partitions_of<'a>(
-        &'a self,
-        topics: &'a [String],
-    ) -> impl Iterator<Item = (&'a str, i32)> {
-        self.partitions
-            .iter()
-            .filter(move |(t, _)| topics.is_empty() || topics.iter().any(|x| **x == **t))
-            .map(|(t, p)| (&**t, *p))
+    /// The served partitions of `topics` (all when empty).
+    pub fn partitions_of(&self, topics: &[String]) -> Vec<(Arc<str>, i32)> {
+        let mut partitions = self.partitions();
+        partitions.retain(|(t, _)| topics.is_empty() || topics.iter().any(|x| **x == **t));
+        partitions
+    }
+
+    /// Partitions the served topics have gained since they were last looked at, now served too.
+    async fn learn_new_partitions(&self) -> Result<Vec<(Arc<str>, i32)>, KafkaError> {
+        let metadata = self
+            .look_up("metadata", |lookups| {
+                lookups.fetch_metadata(None, LOOKUP_TIMEOUT)
+            })
+            .await?;
+        let mut known = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        let mut new = Vec::new();
+        for topic in metadata.topics() {
+            let Some(name) = self.topics.get(topic.name()) else {
+                continue;
+            };
+            for partition in topic.partitions() {
+                let entry = (name.clone(), partition.id());
+                if known.binary_search(&entry).is_err() {
+                    new.push(entry);
+                }
+            }
+        }
+        known.extend(new.iter().cloned());
+        known.sort();
+        Ok(new)
     }
 
     pub fn serves(&self, topic: &str) -> bool {
@@ -110,23 +136,33 @@ impl KafkaSide {
 
     /// The low and high watermarks of one partition.
     pub async fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
-        let lookups = self.lookups.clone();
         let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || {
-            lookups
-                .fetch_watermarks(&topic, partition, LOOKUP_TIMEOUT)
-                .map_err(KafkaError::Client)
+        self.look_up("watermark", move |lookups| {
+            lookups.fetch_watermarks(&topic, partition, LOOKUP_TIMEOUT)
         })
         .await
-        .map_err(|e| KafkaError::Config(format!("watermark look-up stopped: {e}")))?
+    }
+
+    /// A blocking look-up through the shared client, off the async workers.
+    async fn look_up<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(&BaseConsumer<PipelineContext>) -> rdkafka::error::KafkaResult<T>
+            + Send
+            + 'static,
+    ) -> Result<T, KafkaError> {
+        let lookups = self.lookups.clone();
+        tokio::task::spawn_blocking(move || call(&lookups).map_err(KafkaError::Client))
+            .await
+            .map_err(|e| KafkaError::Config(format!("{what} look-up stopped: {e}")))?
     }
 
     /// The oldest offsets Kafka still holds for `topics`' partitions.
     pub async fn earliest(&self, topics: &[String]) -> Result<Cursor, KafkaError> {
         let mut cursor = Cursor::default();
         for (topic, partition) in self.partitions_of(topics) {
-            let (low, _) = self.watermarks(topic, partition).await?;
-            cursor.set(topic, partition, low);
+            let (low, _) = self.watermarks(&topic, partition).await?;
+            cursor.set(&topic, partition, low);
         }
         Ok(cursor)
     }
@@ -140,17 +176,14 @@ impl KafkaSide {
     ) -> Result<Cursor, KafkaError> {
         let mut list = TopicPartitionList::new();
         for (topic, partition) in self.partitions_of(topics) {
-            list.add_partition_offset(topic, partition, Offset::Offset(time.timestamp_millis()))
+            list.add_partition_offset(&topic, partition, Offset::Offset(time.timestamp_millis()))
                 .map_err(KafkaError::Client)?;
         }
-        let lookups = self.lookups.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            lookups
-                .offsets_for_times(list, LOOKUP_TIMEOUT)
-                .map_err(KafkaError::Client)
-        })
-        .await
-        .map_err(|e| KafkaError::Config(format!("offset look-up stopped: {e}")))??;
+        let found = self
+            .look_up("offset", move |lookups| {
+                lookups.offsets_for_times(list, LOOKUP_TIMEOUT)
+            })
+            .await?;
         let found: Vec<(String, i32, Offset)> = found
             .elements()
             .iter()
@@ -218,10 +251,10 @@ impl LiveReader {
         let consumer = side.consumer()?;
         let mut assignment = TopicPartitionList::new();
         for (topic, partition) in side.partitions() {
-            let (_, high) = side.watermarks(topic, *partition).await?;
-            hub.set_position(topic, *partition, high);
+            let (_, high) = side.watermarks(&topic, partition).await?;
+            hub.set_position(&topic, partition, high);
             assignment
-                .add_partition_offset(topic, *partition, Offset::Offset(high))
+                .add_partition_offset(&topic, partition, Offset::Offset(high))
                 .map_err(KafkaError::Client)?;
         }
         consumer.assign(&assignment).map_err(KafkaError::Client)?;
@@ -258,9 +291,15 @@ async fn run_loop(
     let queued = metrics::counter!("eventpipe_gateway_frames_queued_total");
     let dropped_slow =
         metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "slow");
+    let mut refresh = tokio::time::interval(PARTITION_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = refresh.tick() => {
+                follow_new_partitions(side, hub, consumer).await;
+                continue;
+            }
             message = consumer.recv() => message,
         };
         let message = match message {
@@ -286,6 +325,42 @@ async fn run_loop(
         if published.dropped_slow > 0 {
             dropped_slow.increment(published.dropped_slow as u64);
         }
+    }
+}
+
+/// How often the reader looks for partitions the served topics gained.
+const PARTITION_REFRESH: Duration = Duration::from_secs(5);
+
+/// Serves partitions added to a topic since the gateway started: each is followed from its
+/// oldest record (every record of a partition nobody knew of is new to every subscriber), and
+/// the hub learns where before the reader delivers any of it.
+async fn follow_new_partitions(
+    side: &KafkaSide,
+    hub: &Hub,
+    consumer: &StreamConsumer<PipelineContext>,
+) {
+    let new = match side.learn_new_partitions().await {
+        Ok(new) if new.is_empty() => return,
+        Ok(new) => new,
+        Err(error) => {
+            tracing::debug!(%error, "looking for new partitions");
+            return;
+        }
+    };
+    let mut assignment = TopicPartitionList::new();
+    for (topic, partition) in &new {
+        let low = side
+            .watermarks(topic, *partition)
+            .await
+            .map_or(0, |(low, _)| low);
+        hub.set_position(topic, *partition, low);
+        let _ = assignment.add_partition_offset(topic, *partition, Offset::Offset(low));
+    }
+    match consumer.incremental_assign(&assignment) {
+        Ok(()) => {
+            tracing::info!(partitions = ?new, "following partitions added to the served topics")
+        }
+        Err(error) => tracing::warn!(%error, "assigning partitions added to the served topics"),
     }
 }
 

@@ -231,12 +231,18 @@ async fn drive(
     }
 }
 
+/// Where a cursor stands in a partition it does not name: one added to a topic after the stream
+/// started (every start position names every partition served then), so all of it is new.
+const UNNAMED_PARTITION_START: i64 = 0;
+
 /// Events between `cursor` and `target`, summed over partitions.
 fn backlog(cursor: &Cursor, target: &Cursor) -> u64 {
     target
         .iter()
         .map(|(topic, partition, end)| {
-            let at = cursor.get(topic, partition).unwrap_or(end);
+            let at = cursor
+                .get(topic, partition)
+                .unwrap_or(UNNAMED_PARTITION_START);
             (end - at).max(0) as u64
         })
         .sum()
@@ -252,7 +258,9 @@ async fn catch_up(
 ) -> Result<(), Ended> {
     let mut ranges = Vec::new();
     for (topic, partition, until) in target.iter() {
-        let from = cursor.get(topic, partition).unwrap_or(until);
+        let from = cursor
+            .get(topic, partition)
+            .unwrap_or(UNNAMED_PARTITION_START);
         if from < until {
             ranges.push(Range {
                 topic: topic.to_string(),

@@ -81,20 +81,53 @@ pub async fn create_topic(settings: &Settings, name: &str, partitions: i32) {
     for result in results {
         result.unwrap_or_else(|(topic, code)| panic!("creating {topic}: {code:?}"));
     }
+    wait_for_partitions(&admin, &context, settings, name, partitions as usize).await;
+}
+
+/// Waits until the metadata shows `name` with `partitions` partitions, each with a leader.
+async fn wait_for_partitions(
+    admin: &AdminClient<PipelineContext>,
+    context: &PipelineContext,
+    settings: &Settings,
+    name: &str,
+    partitions: usize,
+) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let metadata = wait_for_broker(admin.inner(), &context, &settings.kafka).unwrap();
+        let metadata = wait_for_broker(admin.inner(), context, &settings.kafka).unwrap();
         let ready = metadata.topics().iter().any(|t| {
             t.name() == name
-                && t.partitions().len() == partitions as usize
+                && t.partitions().len() == partitions
                 && t.partitions().iter().all(|p| p.leader() >= 0)
         });
         if ready {
             return;
         }
-        assert!(Instant::now() < deadline, "topic {name} never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "topic {name} never had {partitions} partitions with leaders"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Grows `name` to `partitions` partitions and waits until each has a leader.
+pub async fn grow_topic(settings: &Settings, name: &str, partitions: usize) {
+    use rdkafka::admin::NewPartitions;
+    let context = PipelineContext::default();
+    let admin: AdminClient<PipelineContext> =
+        create_client(&settings.kafka, ClientKind::Admin, context.clone()).unwrap();
+    let results = admin
+        .create_partitions(
+            &[NewPartitions::new(name, partitions)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_partitions request");
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("growing {topic}: {code:?}"));
+    }
+    wait_for_partitions(&admin, &context, settings, name, partitions).await;
 }
 
 /// A consumer in a fresh group reading `topic` from the beginning.
