@@ -83,6 +83,22 @@ fn coordinates(frames: &[Frame]) -> HashSet<(String, i64, i64)> {
     frames.iter().map(Frame::coordinates).collect()
 }
 
+/// Waits until the subscription at `path` has no client attached.
+async fn wait_until_sleeping(gateway: &Api, path: &str, key: &str) {
+    common::wait_until(
+        Duration::from_secs(30),
+        "the subscription to sleep",
+        async || {
+            let (_, answer) = gateway.call(reqwest::Method::GET, path, None, key).await;
+            match answer["state"].as_str() {
+                Some("sleeping") => Ok(()),
+                _ => Err(answer.to_string()),
+            }
+        },
+    )
+    .await;
+}
+
 /// The five subscription kinds of the services' plan, as query strings and filter sets.
 fn five_kinds() -> Vec<(&'static str, FilterSet)> {
     [
@@ -503,18 +519,7 @@ async fn a_durable_subscription_sleeps_while_its_client_is_away_and_catches_up_o
         .await;
     assert_eq!(listed[0]["state"], "active", "{listed}");
     drop(client);
-    common::wait_until(
-        Duration::from_secs(30),
-        "the subscription to sleep",
-        async || {
-            let (_, answer) = first.call(Method::GET, &path, None, &key).await;
-            match answer["state"].as_str() {
-                Some("sleeping") => Ok(()),
-                _ => Err(answer.to_string()),
-            }
-        },
-    )
-    .await;
+    wait_until_sleeping(&first, &path, &key).await;
     // 1,000 events pass while it sleeps; its position stays and its lag shows them.
     post_traffic(&first, &topics, 1000, 90).await;
     let (_, asleep) = first.call(Method::GET, &path, None, &key).await;
@@ -839,4 +844,81 @@ async fn partitions_added_to_a_served_topic_are_followed_live_and_by_resuming_cl
     let mut again: Vec<_> = again.iter().map(Frame::coordinates).collect();
     again.sort();
     assert_eq!(again, expected.keys().cloned().collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_acknowledges_resumes_after_its_last_ack_not_its_last_frame() {
+    use reqwest::Method;
+    let (topics, database) = fixture("gw-acks").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    let (_, key) = gateway.consumer_key(&unique("acker"), &["lk:*"]).await;
+    let name = unique("acked");
+    let path = format!("/v1/subscriptions/{name}");
+    let spec = serde_json::json!({"filters": ["lk:*"]});
+    assert_eq!(
+        gateway.call(Method::PUT, &path, Some(spec), &key).await.0,
+        201
+    );
+    post_traffic(&gateway, &topics, 90, 0).await;
+    let ws_url = format!("{}{path}/ws", gateway.base.replace("http://", "ws://"));
+
+    // Thirty events arrive; the client confirms only the first ten, then goes away.
+    let mut acking = WsClient::connect(&format!("{ws_url}?ack=client"), &key).await;
+    let mut frames = Vec::new();
+    while frames.len() < 30 {
+        let frame = acking.next().await.expect("the stream stays open");
+        if frame.kind == "event" {
+            frames.push(frame);
+        }
+    }
+    let tenth = frames[9].id.clone().unwrap();
+    acking
+        .send_text(&serde_json::json!({"type": "ack", "id": tenth}).to_string())
+        .await;
+    common::wait_until(
+        Duration::from_secs(30),
+        "the acknowledged id to be stored",
+        async || {
+            let (_, answer) = gateway.call(Method::GET, &path, None, &key).await;
+            match answer["position"].as_str() {
+                Some(position) if position == tenth => Ok(()),
+                _ => Err(answer.to_string()),
+            }
+        },
+    )
+    .await;
+    drop(acking);
+    wait_until_sleeping(&gateway, &path, &key).await;
+    let (_, asleep) = gateway.call(Method::GET, &path, None, &key).await;
+    assert_eq!(
+        asleep["position"],
+        tenth.as_str(),
+        "released at the ack, not the last frame"
+    );
+
+    // Back without a cursor of its own: from the eleventh on, nothing missing, nothing before.
+    let mut back = Client::Ws(Box::new(WsClient::connect(&ws_url, &key).await));
+    let rest = collect_events(&mut back, 20).await;
+    assert_eq!(coordinates(&rest), coordinates(&frames[10..]));
+    drop(back);
+
+    // A message that is not an ack closes with a policy error and moves nothing.
+    wait_until_sleeping(&gateway, &path, &key).await;
+    let (_, before) = gateway.call(Method::GET, &path, None, &key).await;
+    let mut rude = WsClient::connect(&format!("{ws_url}?ack=client"), &key).await;
+    rude.send_text("{\"type\":\"ack\",\"id\":\"not a cursor\"}")
+        .await;
+    while rude.next().await.is_some() {}
+    let (code, reason) = rude.closed.clone().expect("a close frame");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("ack"), "{reason}");
+    let (_, after) = gateway.call(Method::GET, &path, None, &key).await;
+    assert_eq!(after["position"], before["position"]);
+
+    // Only a durable WebSocket attachment takes acknowledgements.
+    let (status, answer) = gateway
+        .call(Method::GET, "/v1/stream?filter=lk:*&ack=client", None, &key)
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("ack=client"));
 }

@@ -28,6 +28,21 @@ pub struct StreamQuery {
     pub ticket: Option<String>,
     /// How SSE names its frames (`sse_events=`); WebSocket frames always carry the action.
     pub sse_events: SseEvents,
+    /// What moves a durable subscription's stored position (`ack=`).
+    pub acks: Acks,
+}
+
+/// What moves a durable subscription's stored position.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// Each frame handed to the connection (the default): frames still in the network when the
+    /// client goes away are past the stored position, so a client that comes back without its
+    /// own last id skips them.
+    #[default]
+    Delivery,
+    /// Only what the client acknowledged (`{"type":"ack","id":...}` over WebSocket): nothing it
+    /// did not confirm is ever skipped; what it received but had not confirmed comes again.
+    Client,
 }
 
 /// The `event:` names of an SSE stream.
@@ -57,6 +72,18 @@ impl StreamQuery {
                 ),
                 "from" | "last_event_id" | "lastEventId" => query.from = Some(value.clone()),
                 "ticket" => query.ticket = Some(value.clone()),
+                "ack" => {
+                    query.acks = match value.as_str() {
+                        "delivery" => Acks::Delivery,
+                        "client" => Acks::Client,
+                        other => {
+                            return Err(ApiError::bad_request(
+                                "bad_parameter",
+                                format!("ack={other:?}: expected delivery or client"),
+                            ))
+                        }
+                    }
+                }
                 "sse_events" => {
                     query.sse_events = match value.as_str() {
                         "action" => SseEvents::Actions,
@@ -72,7 +99,7 @@ impl StreamQuery {
                 other => {
                     return Err(ApiError::bad_request(
                         "unknown_parameter",
-                        format!("unknown query parameter {other:?} (expected filter, topics, from, last_event_id, ticket, sse_events)"),
+                        format!("unknown query parameter {other:?} (expected filter, topics, from, last_event_id, ticket, sse_events, ack)"),
                     ))
                 }
             }
@@ -90,6 +117,9 @@ pub async fn authorize(
     query: &StreamQuery,
 ) -> Result<(Principal, SessionRequest), ApiError> {
     let principal = auth.authenticate(headers, query.ticket.as_deref()).await?;
+    if query.acks == Acks::Client {
+        return Err(client_acks_need_a_subscription());
+    }
     let filters = if query.filters.is_empty() {
         return Err(ApiError::bad_request(
             "bad_filter",
@@ -124,6 +154,15 @@ pub async fn authorize(
             start,
         },
     ))
+}
+
+/// `ack=client` where it means nothing: only a durable subscription keeps a position, and only
+/// WebSocket carries a client's acknowledgements back.
+pub fn client_acks_need_a_subscription() -> ApiError {
+    ApiError::bad_request(
+        "bad_parameter",
+        "ack=client is for a durable subscription attached over WebSocket: GET /v1/subscriptions/{name}/ws?ack=client",
+    )
 }
 
 /// Starts the session's task; its frames arrive on the returned receiver, the last one an

@@ -3,8 +3,9 @@
 //!
 //! `PUT/GET/DELETE /v1/subscriptions/{name}`, `GET /v1/subscriptions` (state, position, lag) and
 //! `GET /v1/subscriptions/{name}/stream|ws` to attach. An attached session saves the id of the
-//! last frame it wrote every second and keeps a heartbeat; a newer attachment (or a deletion)
-//! ends the older one. A client's own cursor (`Last-Event-ID`, `from`) wins over the stored one.
+//! last frame it wrote (or, over WebSocket with `ack=client`, the last id the client
+//! acknowledged) every second and keeps a heartbeat; a newer attachment (or a deletion) ends the
+//! older one. A client's own cursor (`Last-Event-ID`, `from`) wins over the stored one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +19,14 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::filter::FilterSet;
 use crate::gateway::auth::Principal;
 use crate::gateway::cursor::{Cursor, Start};
 use crate::gateway::http::ApiError;
 use crate::gateway::session::{resolve_start, Outgoing, SessionRequest};
-use crate::gateway::streams::StreamQuery;
+use crate::gateway::streams::{self, Acks, StreamQuery};
 use crate::gateway::{sse, ws, Gateway};
 
 /// How often an attached session saves its position and heartbeat.
@@ -365,6 +366,7 @@ async fn attachment(
             name: name.to_string(),
             session_id,
             pool: gateway.pool.clone(),
+            acked: None,
         },
     ))
 }
@@ -375,7 +377,11 @@ async fn attach_sse(
     headers: HeaderMap,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let names = StreamQuery::parse(&pairs)?.sse_events;
+    let query = StreamQuery::parse(&pairs)?;
+    if query.acks == Acks::Client {
+        return Err(streams::client_acks_need_a_subscription());
+    }
+    let names = query.sse_events;
     let (principal, request, attachment) = attachment(&gateway, &name, &headers, &pairs).await?;
     Ok(sse::open_with(
         &gateway,
@@ -393,13 +399,22 @@ async fn attach_ws(
     Query(pairs): Query<Vec<(String, String)>>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    let acks = StreamQuery::parse(&pairs)?.acks;
     let (principal, request, attachment) = attachment(&gateway, &name, &headers, &pairs).await?;
+    let (attachment, client_acks) = match acks {
+        Acks::Client => {
+            let (attachment, sender) = attachment.with_client_acks();
+            (attachment, Some(sender))
+        }
+        Acks::Delivery => (attachment, None),
+    };
     Ok(ws::open_with(
         &gateway,
         upgrade,
         request,
         principal,
         Some(attachment),
+        client_acks,
     ))
 }
 
@@ -408,9 +423,28 @@ pub struct Attachment {
     name: String,
     session_id: String,
     pool: PgPool,
+    /// With client acknowledgements: the last id the client confirmed (else the position is
+    /// the last frame handed over).
+    acked: Option<watch::Receiver<Option<String>>>,
 }
 
 impl Attachment {
+    /// Makes the stored position follow the client's acknowledgements, which the transport
+    /// sends through the returned half.
+    pub fn with_client_acks(mut self) -> (Attachment, watch::Sender<Option<String>>) {
+        let (acks, acked) = watch::channel(None);
+        self.acked = Some(acked);
+        (self, acks)
+    }
+
+    /// The position to keep: the client's last acknowledgement, or the last frame handed over.
+    fn position(&self, handed_over: &Option<String>) -> Option<String> {
+        match &self.acked {
+            Some(acked) => acked.borrow().clone(),
+            None => handed_over.clone(),
+        }
+    }
+
     /// Saves `position` and the heartbeat; `false` when the subscription was deleted or another
     /// session took it over.
     async fn save(&self, position: Option<&str>) -> Result<bool, sqlx::Error> {
@@ -468,9 +502,10 @@ impl Attachment {
                         }
                     }
                     _ = tick.tick() => {
-                        let position = latest.as_deref().filter(|l| saved.as_deref() != Some(*l));
+                        let keep = self.position(&latest);
+                        let position = keep.as_deref().filter(|l| saved.as_deref() != Some(*l));
                         match self.save(position).await {
-                            Ok(true) => saved.clone_from(&latest),
+                            Ok(true) => saved = keep,
                             Ok(false) => {
                                 let _ = out
                                     .send(Outgoing::End {
@@ -487,8 +522,10 @@ impl Attachment {
                     }
                 }
             }
-            // Whatever was handed over last is where the next attachment resumes.
-            self.release(latest.as_deref()).await;
+            // Whatever was handed over (or acknowledged) last is where the next attachment
+            // resumes.
+            let keep = self.position(&latest);
+            self.release(keep.as_deref()).await;
         });
         tracked
     }

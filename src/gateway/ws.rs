@@ -1,8 +1,10 @@
 //! `GET /v1/ws`: a subscription over WebSocket — JSON text frames (`event`, `position`, `notice`,
 //! `disconnect`), pings at the keep-alive interval, and a close frame with the reason.
 //!
-//! The stream is one-way: a client that sends messages gets a policy close, one that stops
-//! reading is closed after the write timeout; either way its cursor resumes it.
+//! The stream is one-way, but for acknowledgements: a durable subscription attached with
+//! `ack=client` takes `{"type":"ack","id":"<event id>"}` messages and keeps the last one as its
+//! position. Any other message gets a policy close; a client that stops reading is closed after
+//! the write timeout; either way its cursor resumes it.
 
 use std::sync::Arc;
 
@@ -11,9 +13,10 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures::SinkExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::gateway::auth::Principal;
+use crate::gateway::cursor::Cursor;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::{Outgoing, SessionRequest};
 use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, StreamQuery};
@@ -45,7 +48,7 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let query = StreamQuery::parse(&pairs)?;
     let (principal, request) = gateway.authorize_stream(&headers, &query).await?;
-    Ok(open_with(&gateway, upgrade, request, principal, None))
+    Ok(open_with(&gateway, upgrade, request, principal, None, None))
 }
 
 /// The WebSocket response of a session; an attachment to a durable subscription tracks its
@@ -56,6 +59,7 @@ pub fn open_with(
     request: SessionRequest,
     principal: Principal,
     attachment: Option<Attachment>,
+    client_acks: Option<watch::Sender<Option<String>>>,
 ) -> Response {
     let gateway = gateway.clone();
     upgrade
@@ -73,11 +77,16 @@ pub fn open_with(
             if let Some(attachment) = attachment {
                 frames = attachment.track(frames);
             }
-            serve(&gateway, socket, frames).await;
+            serve(&gateway, socket, frames, client_acks).await;
         })
 }
 
-async fn serve(gateway: &Gateway, mut socket: WebSocket, mut frames: mpsc::Receiver<Outgoing>) {
+async fn serve(
+    gateway: &Gateway,
+    mut socket: WebSocket,
+    mut frames: mpsc::Receiver<Outgoing>,
+    client_acks: Option<watch::Sender<Option<String>>>,
+) {
     let _gauge = ConnectionGauge::open("ws");
     let meter = FrameMeter::new("ws");
     let timeout = gateway.settings.write_timeout;
@@ -124,6 +133,20 @@ async fn serve(gateway: &Gateway, mut socket: WebSocket, mut frames: mpsc::Recei
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(Message::Pong(_) | Message::Ping(_))) => continue,
+                Some(Ok(Message::Text(text))) if client_acks.is_some() => {
+                    match acknowledged(&text) {
+                        Ok(id) => {
+                            if let Some(acks) = &client_acks {
+                                acks.send_replace(Some(id));
+                            }
+                        }
+                        Err(why) => {
+                            metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "client_message").increment(1);
+                            close(&mut socket, CLOSE_POLICY, &why, timeout).await;
+                            return;
+                        }
+                    }
+                }
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
                     metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => "client_message").increment(1);
                     close(&mut socket, CLOSE_POLICY, "this stream takes no messages from clients", timeout).await;
@@ -146,6 +169,23 @@ fn wrote(outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>) 
             false
         }
     }
+}
+
+/// The id a client acknowledges: `{"type":"ack","id":"<an id this gateway sent>"}`.
+fn acknowledged(text: &str) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        #[serde(rename = "type")]
+        kind: String,
+        id: String,
+    }
+    let ack: Ack = serde_json::from_str(text)
+        .map_err(|_| "expected {\"type\":\"ack\",\"id\":\"<event id>\"}".to_string())?;
+    if ack.kind != "ack" {
+        return Err(format!("unknown message type {:?}: only ack", ack.kind));
+    }
+    Cursor::decode(&ack.id).map_err(|e| format!("ack: {e}"))?;
+    Ok(ack.id)
 }
 
 fn close_code(code: &str) -> u16 {
