@@ -83,6 +83,39 @@ fn coordinates(frames: &[Frame]) -> HashSet<(String, i64, i64)> {
     frames.iter().map(Frame::coordinates).collect()
 }
 
+/// Runs `eventpipe store` over `topics` into `database` until its events table holds `count`
+/// rows; the stage keeps running while the returned process lives.
+async fn store_until_it_holds(
+    topics: &[String],
+    database: &str,
+    count: i64,
+) -> common::StageProcess {
+    let store = common::StageProcess::start(
+        &[
+            "store",
+            "--topics",
+            &topics.join(","),
+            "--postgres-url",
+            database,
+            "--group-id",
+            &unique("gw-store"),
+        ],
+        &[],
+    );
+    let pool = sqlx::PgPool::connect(database).await.unwrap();
+    common::wait_until(Duration::from_secs(60), "the stored events", async || {
+        let stored: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&pool)
+            .await;
+        match stored {
+            Ok(n) if n == count => Ok(()),
+            other => Err(format!("{other:?} of {count}")),
+        }
+    })
+    .await;
+    store
+}
+
 /// Waits until the subscription at `path` has no client attached.
 async fn wait_until_sleeping(gateway: &Api, path: &str, key: &str) {
     common::wait_until(
@@ -432,29 +465,7 @@ async fn a_position_older_than_kafka_holds_is_caught_up_from_the_event_store() {
     post_traffic(&gateway, &topics, 90, 0).await;
     collect_events(&mut client, 90).await;
     // The store keeps everything; then Kafka forgets the first records of every partition.
-    let store = common::StageProcess::start(
-        &[
-            "store",
-            "--topics",
-            &topics[0],
-            "--postgres-url",
-            &database,
-            "--group-id",
-            &unique("gw-store"),
-        ],
-        &[],
-    );
-    let pool = sqlx::PgPool::connect(&database).await.unwrap();
-    common::wait_until(Duration::from_secs(60), "90 stored events", async || {
-        let count: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&pool)
-            .await;
-        match count {
-            Ok(90) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let store = store_until_it_holds(&topics, &database, 90).await;
     drop(store);
     let deleted = common::delete_records_before(&settings(), &topics[0], 20).await;
     assert!(deleted > 0);
@@ -921,4 +932,135 @@ async fn a_websocket_client_that_acknowledges_resumes_after_its_last_ack_not_its
         .await;
     assert_eq!(status, 400, "{answer}");
     assert!(answer["message"].as_str().unwrap().contains("ack=client"));
+}
+
+#[tokio::test]
+async fn history_over_http_is_the_stores_selection_as_json_lines_or_as_resumable_sse() {
+    let (topics, database) = fixture("gw-history").await;
+    let gateway = GatewayProcess::start(&topics, &database, &[]).await;
+    post_traffic(&gateway, &topics, 120, 0).await;
+    let _store = store_until_it_holds(&topics, &database, 120).await;
+    let filters = FilterSet::parse(&["lk:*", "arm:update_user"]).unwrap();
+    let expected = independently_selected(&topics, &filters);
+    let query = "/v1/history?filter=lk:*&filter=arm:update_user";
+    let http = reqwest::Client::new();
+    let get = |path: String, accept: &'static str, last: Option<String>| {
+        let mut request = http.get(gateway.url(&path)).bearer_auth(ADMIN);
+        request = request.header("accept", accept);
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    let coordinates_of = |events: &[Value]| -> HashSet<(String, i64, i64)> {
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e["topic"].as_str().unwrap().to_string(),
+                    e["partition"].as_i64().unwrap(),
+                    e["offset"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    // JSON lines: exactly the selection, in ascending seq.
+    let (status, content_type, body) = get(query.to_string(), "*/*", None).await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/x-ndjson"),
+        "{body}"
+    );
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(coordinates_of(&lines), expected);
+    assert_eq!(lines.len(), expected.len(), "each once");
+    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "ascending seq: {seqs:?}"
+    );
+
+    // SSE: the same events, id = seq, event = action, and an `end` that counts them.
+    let sse_blocks = |body: &str| -> (Vec<(i64, String, Value)>, Option<Value>) {
+        let mut events = Vec::new();
+        let mut end = None;
+        for block in body.split("\n\n").filter(|b| !b.trim().is_empty()) {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .map(str::to_string)
+            };
+            let data: Value = serde_json::from_str(&field("data").unwrap()).unwrap();
+            match field("event").as_deref() {
+                Some("end") => end = Some(data),
+                Some(name) => events.push((
+                    field("id").unwrap().parse().unwrap(),
+                    name.to_string(),
+                    data,
+                )),
+                None => panic!("a block without an event name: {block}"),
+            }
+        }
+        (events, end)
+    };
+    let (status, content_type, body) = get(query.to_string(), "text/event-stream", None).await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "text/event-stream"),
+        "{body}"
+    );
+    let (events, end) = sse_blocks(&body);
+    assert_eq!(end, Some(serde_json::json!({"events": expected.len()})));
+    let data: Vec<Value> = events.iter().map(|(_, _, d)| d.clone()).collect();
+    assert_eq!(coordinates_of(&data), expected);
+    for (seq, name, data) in &events {
+        assert_eq!(Some(*seq), data["seq"].as_i64());
+        assert_eq!(name, data["action"].as_str().unwrap());
+    }
+    // A reconnect with Last-Event-ID resumes after that seq; format=sse works without Accept.
+    let fifth = events[4].0;
+    let (_, _, rest) = get(
+        format!("{query}&format=sse"),
+        "*/*",
+        Some(fifth.to_string()),
+    )
+    .await;
+    let (rest, end) = sse_blocks(&rest);
+    assert_eq!(rest.len(), events.len() - 5);
+    assert!(rest.iter().all(|(seq, _, _)| *seq > fifth));
+    assert_eq!(end, Some(serde_json::json!({"events": events.len() - 5})));
+
+    // Strangers, narrower credentials and bad input: a status with the reason.
+    let stranger = http.get(gateway.url(query)).send().await.unwrap();
+    assert_eq!(stranger.status().as_u16(), 401);
+    let (_, key) = gateway.consumer_key(&unique("lk-reader"), &["lk:*"]).await;
+    let (status, answer) = gateway
+        .call(reqwest::Method::GET, "/v1/history?filter=*:*", None, &key)
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    for (bad, code) in [
+        ("/v1/history?filter=lk", "bad_filter"),
+        ("/v1/history?filter=lk:*&format=xml", "bad_parameter"),
+        ("/v1/history?filter=lk:*&last=ten", "bad_parameter"),
+    ] {
+        let (status, answer) = gateway.call(reqwest::Method::GET, bad, None, ADMIN).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some(code)),
+            "{bad}: {answer}"
+        );
+    }
 }

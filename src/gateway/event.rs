@@ -137,11 +137,7 @@ impl Event {
     /// The SSE event name: the action, or `message` (the browser default) when there is none;
     /// never a line break (it would end the field).
     pub fn event_name(&self) -> &str {
-        if self.action.is_empty() || self.action.contains(['\n', '\r']) {
-            "message"
-        } else {
-            &self.action
-        }
+        sse_event_name(&self.action)
     }
 
     pub fn kafka_time(&self) -> Option<DateTime<Utc>> {
@@ -149,10 +145,20 @@ impl Event {
     }
 }
 
+/// An action as an SSE event name: `message` (the browser default) when there is none, and
+/// never a line break (it would end the field).
+pub fn sse_event_name(action: &str) -> &str {
+    if action.is_empty() || action.contains(['\n', '\r']) {
+        "message"
+    } else {
+        action
+    }
+}
+
 /// `json` with its line breaks made spaces. A raw value embedded as it was produced may be
 /// pretty-printed; JSON allows a raw line break only as whitespace between tokens (never inside a
 /// string), so this changes no value.
-fn one_line(json: String) -> Box<str> {
+pub fn one_line(json: String) -> Box<str> {
     if json.contains(['\n', '\r']) {
         json.replace(['\n', '\r'], " ").into()
     } else {
