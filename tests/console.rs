@@ -258,7 +258,7 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
         &[dispatch_metrics, DOWN_STAGE.to_string()],
     )
     .await;
-    let mut browser = Chromium::launch(1400, 2000).await;
+    let mut browser = Chromium::launch(1400, 1700).await;
     browser.navigate(&gateway.url("/console")).await;
     until_true(
         &mut browser,
@@ -423,6 +423,9 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
         // A rate that changes, so the chart has a shape.
         round += 1;
         posted.post(&gateway, &topic, 20 + (round % 8) * 10).await;
+        // Reads what DevTools sent meanwhile (a network event per streamed event), so it
+        // never piles up behind the next command.
+        browser.evaluate("true").await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let rows = "document.querySelectorAll('#tail li').length >= 150";

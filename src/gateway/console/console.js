@@ -192,6 +192,13 @@ function drawStages(stages) {
       chart(stage.history),
       el(
         "p",
+        { class: "legend" },
+        el("span", { class: "in" }, "in"),
+        el("span", { class: "out" }, "out"),
+        el("span", { class: "dead" }, "dead letters"),
+      ),
+      el(
+        "p",
         { class: "totals muted" },
         `in ${number(stage.in_total)} · out ${number(stage.out_total)}`,
       ),
