@@ -149,6 +149,43 @@ async fn the_console_data_refuses_strangers_and_non_admins_with_json_reasons() {
     assert_eq!(stages.len(), 2, "{body}");
     assert!(stages.iter().all(|s| s["history"] == json!([])), "{body}");
 
+    // The console's login: the admin token buys an HttpOnly session cookie of an hour, which
+    // reads the overview until it is logged out.
+    let http = reqwest::Client::new();
+    let login = http
+        .post(gateway.url("/v1/login"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let set_cookie = login.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attribute in [
+        "ep_session=eps_",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Max-Age=3600",
+    ] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(!set_cookie.contains(ADMIN));
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let with_cookie = |method, path: &str| {
+        http.request(method, gateway.url(path))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let overview = with_cookie(Method::GET, "/v1/admin/overview")
+        .await
+        .unwrap();
+    assert_eq!(overview.status(), 200);
+    let logout = with_cookie(Method::POST, "/v1/logout").await.unwrap();
+    assert_eq!(logout.status(), 204);
+    let after = with_cookie(Method::GET, "/v1/admin/overview")
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401);
+
     // The page is a shell anyone may load, under the strict policy.
     let page = reqwest::get(gateway.url("/console")).await.unwrap();
     assert_eq!(page.status(), 200);

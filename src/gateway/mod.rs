@@ -174,8 +174,12 @@ pub async fn start(
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
     };
-    let console =
-        console::Console::start(&gateway_settings.console_stages, &settings.kafka, &shutdown);
+    // Without an admin token nobody can open the console: scrape nothing then.
+    let console_stages = match gateway_settings.admin_token {
+        Some(_) => gateway_settings.console_stages.as_slice(),
+        None => &[],
+    };
+    let console = console::Console::start(console_stages, &settings.kafka, &shutdown);
     let gateway = Arc::new(Gateway {
         settings: gateway_settings,
         sessions,

@@ -330,6 +330,15 @@ function drawQueues(overview) {
   $("queues").tBodies[0].replaceChildren(...rows);
 }
 
+/** retention.ms, and retention.bytes when a topic has a size bound too. */
+function retention(topic) {
+  const time = topic.retention_ms === null ? "–" : duration(topic.retention_ms);
+  const bytes = topic.retention_bytes;
+  if (!(bytes > 0)) return time;
+  const size = bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  return `${time} or ${size} a partition`;
+}
+
 function drawTopics(view) {
   const wanted = $("topic-filter").value.trim();
   const served = new Set(lastOverview?.served_topics ?? []);
@@ -346,7 +355,7 @@ function drawTopics(view) {
       el("td", { class: "number" }, number(t.records)),
       el("td", {}, fill === null ? el("span", { class: "muted" }, t.records ? "–" : "empty") : meter(fill, 1, `${Math.round(fill * 100)}%`)),
       el("td", {}, t.oldest_age_ms === null ? "–" : `${duration(t.oldest_age_ms)} ago`),
-      el("td", {}, t.retention_ms === null ? "–" : duration(t.retention_ms)),
+      el("td", {}, retention(t)),
     );
   });
   if (!rows.length) {

@@ -456,13 +456,17 @@ impl Stages {
             let stages = self.stages.read().unwrap_or_else(|p| p.into_inner());
             stages.iter().map(|s| s.target.clone()).collect()
         };
-        let scrapes = targets.iter().map(|target| self.scrape(target));
+        let scrapes = targets.iter().map(|target| async {
+            let result = self.scrape(target).await;
+            // When this stage answered: a rate divides by its own interval, not by the
+            // slowest stage's.
+            (Instant::now(), result)
+        });
         let results = futures::future::join_all(scrapes).await;
-        let now = Instant::now();
         let at = Utc::now().timestamp_millis();
         let mut stages = self.stages.write().unwrap_or_else(|p| p.into_inner());
-        for (stage, result) in stages.iter_mut().zip(results) {
-            stage.update(result, now, at);
+        for (stage, (answered, result)) in stages.iter_mut().zip(results) {
+            stage.update(result, answered, at);
         }
     }
 
