@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::browser::Chromium;
-use common::gateway::{envelope, Api, GatewayProcess, ADMIN};
+use common::gateway::{envelope, Api, GatewayProcess, SseClient, ADMIN};
 use common::{create_topic, fresh_database_url, settings, unique, wait_until, StageProcess};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -423,6 +423,12 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
     let live = "document.getElementById('tail-state').dataset.state === 'live'";
     until_true(&mut browser, "the tail to go live", live).await;
 
+    // A client attached to the subscription made on the page, reading all it gets.
+    let attach = gateway.url(&format!("/v1/subscriptions/{subscription}/stream"));
+    let mut attached = SseClient::connect(&attach, None, ADMIN).await;
+    assert_eq!(attached.status, 200, "{}", attached.error_body);
+    let reader = tokio::spawn(async move { while attached.next().await.is_some() {} });
+
     // Traffic through the gateway's ingress, which the dispatcher routes: batches until the
     // page has shown a rate above zero for both stages, then more, for as long as a screenshot
     // wants a chart (EVENTPIPE_CONSOLE_TRAFFIC_SECS, default 5).
@@ -467,11 +473,13 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
     }
     let rows = "document.querySelectorAll('#tail li').length >= 150";
     until_true(&mut browser, "the tail to show the events", rows).await;
+    // The attached subscription is shown active, with its connection's queue.
     let row = format!(
-        "document.querySelector('#subscriptions tr[data-name={}]') !== null",
+        "(() => {{ const row = document.querySelector('#subscriptions tr[data-name={}]'); \
+         return row?.dataset.state === 'active' && /^\\d+\\/1024$/.test(row.cells[6].textContent); }})()",
         json!(subscription)
     );
-    until_true(&mut browser, "the subscription row on the page", &row).await;
+    until_true(&mut browser, "the subscription active with its queue", &row).await;
     // This test's topics only, so the screenshot is not a list of every test's.
     browser
         .evaluate(&format!(
@@ -480,6 +488,24 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
         ))
         .await;
     browser.screenshot(&screenshot_path("console")).await;
+    reader.abort();
+
+    // Every posted event is in the topic's row once a scan has seen it (the gateway's
+    // idempotent producer leaves no holes: records = offsets), with its three partitions.
+    let topic_row = format!(
+        "(() => {{ const row = document.querySelector('#topics tr[data-topic={}]'); \
+         return row ? [row.cells[1].textContent, row.cells[2].textContent] : null; }})()",
+        json!(topic)
+    );
+    let records = posted.events.to_string();
+    browser
+        .wait_for(PAGE_TIMEOUT, "the topic's records", &topic_row, |v| {
+            let shown = v[1].as_str().unwrap_or("").replace(',', "");
+            (v[0] == "3" && shown == records)
+                .then_some(())
+                .ok_or(format!("{v} (posted {records})"))
+        })
+        .await;
 
     // Once the traffic stopped, the totals the page shows are exactly what Kafka acknowledged:
     // the gateway accepted each event once, the dispatcher consumed each, routed the known
