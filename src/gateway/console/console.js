@@ -316,7 +316,10 @@ function drawSubscriptions(overview) {
 }
 
 function drawQueues(overview) {
-  $("connections-count").textContent = `${overview.connections} live`;
+  const dropped = Object.entries(overview.dropped)
+    .map(([reason, count]) => `${reason} ${number(count)}`)
+    .join(", ");
+  $("connections-count").textContent = `${overview.connections} live · dropped since start: ${dropped || "none"}`;
   const rows = overview.queues.map((q) =>
     el(
       "tr",

@@ -10,6 +10,7 @@
 pub mod stages;
 pub mod topics;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
@@ -138,6 +139,9 @@ struct Overview {
     connections: usize,
     /// The fullest queues first.
     queues: Vec<QueueView>,
+    /// Streams this gateway ended since it started, by reason (`slow`, `stalled`, `revoked`,
+    /// ...): the consumers that dropped.
+    dropped: BTreeMap<String, f64>,
 }
 
 /// Queues shown at most (the fullest ones).
@@ -199,6 +203,11 @@ async fn overview(
             .take(QUEUES_SHOWN)
             .map(QueueView::from)
             .collect(),
+        dropped: stages::by_label(
+            &stages::local_samples(),
+            "eventpipe_gateway_clients_dropped_total",
+            "reason",
+        ),
     }))
 }
 

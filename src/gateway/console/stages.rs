@@ -472,11 +472,7 @@ impl Stages {
 
     async fn scrape(&self, target: &StageTarget) -> Result<Reading, String> {
         let text = match &target.source {
-            Source::Local => {
-                let mut text = crate::telemetry::install_metrics_recorder().render();
-                text.push_str(&crate::stage::lag::render());
-                text
-            }
+            Source::Local => local_exposition(),
             Source::Url(url) => {
                 let response = self
                     .http
@@ -497,6 +493,28 @@ impl Stages {
         }
         Ok(reading)
     }
+}
+
+/// This process's own metrics, as its /metrics serves them.
+fn local_exposition() -> String {
+    let mut text = crate::telemetry::install_metrics_recorder().render();
+    text.push_str(&crate::stage::lag::render());
+    text
+}
+
+/// This process's own samples.
+pub fn local_samples() -> Vec<Sample> {
+    parse_exposition(&local_exposition())
+}
+
+/// The values of `metric`'s series summed by their `label`.
+pub fn by_label(samples: &[Sample], metric: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for sample in samples.iter().filter(|s| s.name == metric) {
+        let key = sample.label(label).unwrap_or("unknown").to_string();
+        *sums.entry(key).or_insert(0.0) += sample.value;
+    }
+    sums
 }
 
 /// reqwest's error without the URL (which may hold a password).
@@ -607,6 +625,18 @@ eventpipe_dispatch_paused 0
         assert_eq!(reading.dead_letters["malformed_json"], 3.0);
         assert_eq!(reading.dead_letters["unknown_action"], 1.0);
         assert_eq!(read("x", &parse_exposition("up 1")).kind, None);
+    }
+
+    #[test]
+    fn series_sum_by_label() {
+        let samples = parse_exposition(
+            "d_total{reason=\"slow\",transport=\"sse\"} 2\n\
+             d_total{reason=\"slow\",transport=\"ws\"} 1\n\
+             d_total{reason=\"stalled\"} 4\nother{reason=\"x\"} 9\n",
+        );
+        let sums = by_label(&samples, "d_total", "reason");
+        assert_eq!(sums.len(), 2);
+        assert_eq!((sums["slow"], sums["stalled"]), (3.0, 4.0));
     }
 
     #[test]
