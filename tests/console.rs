@@ -318,6 +318,7 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
             },
         )
         .await;
+    browser.screenshot(&screenshot_path("console-login")).await;
     browser
         .evaluate(&format!(
             "document.getElementById('token').value = {}; document.getElementById('login-form').requestSubmit()",

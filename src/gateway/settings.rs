@@ -70,6 +70,7 @@ pub struct GatewayArgs {
     /// ports, and gateway=self).
     #[arg(
         long = "console-stage",
+        value_name = "NAME=URL",
         env = "EVENTPIPE_GATEWAY_CONSOLE_STAGES",
         value_delimiter = ','
     )]

@@ -501,7 +501,8 @@ function wireForms() {
       lastCredentials = 0;
       await poll();
     } catch (error) {
-      $("login-error").textContent = error.message;
+      $("login-error").textContent =
+        error.status === 401 ? "That is not this gateway's admin token." : `Cannot log in: ${error.message}`;
     }
   });
   $("logout").addEventListener("click", async () => {
