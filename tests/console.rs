@@ -414,6 +414,26 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
     let id = key["id"].as_str().unwrap();
     assert!(shown.starts_with(&format!("ep_{id}_")), "{shown}");
 
+    // A tail the gateway refuses says why.
+    browser
+        .evaluate(&submit(
+            "tail-form",
+            &[("filter", "lk"), ("topics", &topic), ("grep", "")],
+        ))
+        .await;
+    browser
+        .wait_for(
+            PAGE_TIMEOUT,
+            "the refused tail's reason",
+            "document.getElementById('tail-state').textContent",
+            |v| {
+                v.as_str()
+                    .filter(|t| t.starts_with("refused") && t.contains("SERVICE:ACTION"))
+                    .map(String::from)
+                    .ok_or(format!("{v}"))
+            },
+        )
+        .await;
     // The live tail follows the gateway's own SSE with the session cookie.
     browser
         .evaluate(&submit(
@@ -492,10 +512,13 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
         .await;
     browser.screenshot(&screenshot_path("console")).await;
     // A consumer that goes away is counted as dropped once the gateway next writes to it.
+    let gone = "Number(document.getElementById('connections-count').dataset.gone)";
+    let before = browser.evaluate(gone).await;
+    assert_eq!(before, json!(0), "nothing dropped before");
     reader.abort();
     posted.post(&gateway, &topic, 1).await;
-    let dropped = "document.getElementById('connections-count').textContent.includes('gone 1')";
-    until_true(&mut browser, "the attached client shown dropped", dropped).await;
+    let dropped = format!("{gone} === 1");
+    until_true(&mut browser, "the attached client shown dropped", &dropped).await;
 
     // Every posted event is in the topic's row once a scan has seen it (the gateway's
     // idempotent producer leaves no holes: records = offsets), with its three partitions.

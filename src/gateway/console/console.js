@@ -319,7 +319,9 @@ function drawQueues(overview) {
   const dropped = Object.entries(overview.dropped)
     .map(([reason, count]) => `${reason} ${number(count)}`)
     .join(", ");
-  $("connections-count").textContent = `${overview.connections} live · dropped since start: ${dropped || "none"}`;
+  const count = $("connections-count");
+  count.textContent = `${overview.connections} live · dropped since start: ${dropped || "none"}`;
+  count.dataset.gone = overview.dropped.gone ?? 0;
   const rows = overview.queues.map((q) =>
     el(
       "tr",
@@ -532,48 +534,41 @@ function tailState(state, text) {
 
 function stopTail() {
   if (!tail) return;
-  tail.source?.close();
-  tail.probe?.abort();
+  tail.source.close();
   tail = null;
   $("tail-button").textContent = "follow";
   tailState("stopped", "stopped");
 }
 
-/** Follows /v1/stream with the session cookie. The stream is asked for once with fetch first,
- * so a refusal (a bad filter, an unknown topic) shows its reason, which EventSource hides. */
-async function startTail(fields) {
+/** Follows /v1/stream with the session cookie. A stream the gateway refuses (a bad filter,
+ * an unknown topic) makes EventSource close without saying why; the same request then, by
+ * fetch, gets the gateway's reason (refused before any stream starts, so it costs none). */
+function startTail(fields) {
   const query = new URLSearchParams();
   for (const filter of list(fields.filter)) query.append("filter", filter);
   for (const topic of list(fields.topics)) query.append("topics", topic);
   query.set("sse_events", "message");
   const url = `/v1/stream?${query}`;
   const grep = fields.grep.trim();
-  tail = { probe: new AbortController(), source: null, count: 0 };
+  const source = new EventSource(url);
+  const mine = { source, count: 0, opened: false };
+  tail = mine;
   $("tail-button").textContent = "stop";
   tailState("connecting", "connecting");
-  const mine = tail;
-  try {
-    const response = await fetch(url, { signal: mine.probe.signal, credentials: "same-origin" });
-    if (!response.ok) {
-      const answer = await response.json().catch(() => ({}));
-      stopTail();
-      tailState("error", `refused: ${answer.message ?? response.status}`);
+  source.addEventListener("open", () => {
+    mine.opened = true;
+    tailState("live", `live · ${mine.count} events`);
+  });
+  source.addEventListener("error", async () => {
+    if (source.readyState !== EventSource.CLOSED) {
+      tailState("reconnecting", "reconnecting (resumes from its cursor)");
       return;
     }
-    mine.probe.abort();
-  } catch (error) {
+    const reason = await refusal(url);
     if (tail !== mine) return;
-    if (error.name !== "AbortError") {
-      stopTail();
-      tailState("error", `cannot reach the gateway: ${error.message}`);
-      return;
-    }
-  }
-  if (tail !== mine) return;
-  const source = new EventSource(url);
-  mine.source = source;
-  source.addEventListener("open", () => tailState("live", `live · ${mine.count} events`));
-  source.addEventListener("error", () => tailState("reconnecting", "reconnecting (resumes from its cursor)"));
+    stopTail();
+    tailState("error", reason);
+  });
   source.addEventListener("disconnect", (event) => {
     const reason = JSON.parse(event.data ?? "{}");
     tailState("reconnecting", `dropped (${reason.code ?? "?"}); resuming`);
@@ -584,6 +579,23 @@ async function startTail(fields) {
     if (grep && !event.data.includes(grep)) return;
     addTailRow(JSON.parse(event.data));
   });
+}
+
+/** Why the gateway refuses `url` (asked once more, by fetch). */
+async function refusal(url) {
+  try {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (response.ok) {
+      // It answers now: a refusal that passed (the gateway was restarting, say).
+      response.body?.cancel();
+      return "the stream ended; follow again";
+    }
+    const answer = await response.json().catch(() => ({}));
+    if (response.status === 401 || response.status === 403) showLogin("the session ended: log in again");
+    return `refused: ${answer.message ?? response.status}`;
+  } catch (error) {
+    return `cannot reach the gateway: ${error.message}`;
+  }
 }
 
 function addTailRow(event) {
