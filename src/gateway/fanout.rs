@@ -46,6 +46,16 @@ struct Subscriber {
     stamp: u64,
 }
 
+/// One connection's live queue, as [`Hub::queues`] reports it.
+#[derive(Debug, Clone)]
+pub struct QueueFill {
+    pub filters: FilterSet,
+    /// Empty: every topic.
+    pub topics: Vec<String>,
+    pub queued: usize,
+    pub capacity: usize,
+}
+
 /// What one published event reached.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -107,6 +117,22 @@ impl Hub {
 
     pub fn connections(&self) -> usize {
         self.lock().subscribers.len()
+    }
+
+    /// Every connection's selection and how many live events wait in its queue (of
+    /// `capacity`), for the console.
+    pub fn queues(&self) -> Vec<QueueFill> {
+        let state = self.lock();
+        state
+            .subscribers
+            .values()
+            .map(|s| QueueFill {
+                filters: s.filters.clone(),
+                topics: s.topics.iter().map(|t| t.to_string()).collect(),
+                queued: s.queue.max_capacity() - s.queue.capacity(),
+                capacity: s.queue.max_capacity(),
+            })
+            .collect()
     }
 
     /// Registers a connection for the events `filters` select from `topics` (empty: all).

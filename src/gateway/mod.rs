@@ -3,9 +3,10 @@
 //!
 //! Layout: `ingress` (POST events) → Kafka; Kafka → `kafka::run_reader` → `fanout::Hub` → one
 //! `session` per connection (catch-up, then live) → `sse` / `ws`; `auth` decides who may do what;
-//! `cursor` is the resumable position every frame carries.
+//! `cursor` is the resumable position every frame carries; `console` is the operators' page.
 
 pub mod auth;
+pub mod console;
 pub mod cursor;
 pub mod event;
 pub mod fanout;
@@ -60,6 +61,7 @@ pub struct Gateway {
     pub ingress: ingress::Ingress,
     pub pool: PgPool,
     pub shutdown: CancellationToken,
+    pub console: console::Console,
 }
 
 impl Gateway {
@@ -86,6 +88,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(auth::routes(gateway.auth.clone()))
         .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
+        .merge(console::routes(gateway.clone()))
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
         .layer(axum::middleware::from_fn(http::json_errors))
         .layer(axum::middleware::from_fn(http::count_requests))
@@ -171,6 +174,12 @@ pub async fn start(
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
     };
+    // Without an admin token nobody can open the console: scrape nothing then.
+    let console_stages = match gateway_settings.admin_token {
+        Some(_) => gateway_settings.console_stages.as_slice(),
+        None => &[],
+    };
+    let console = console::Console::start(console_stages, &settings.kafka, &shutdown);
     let gateway = Arc::new(Gateway {
         settings: gateway_settings,
         sessions,
@@ -178,6 +187,7 @@ pub async fn start(
         ingress,
         pool,
         shutdown: shutdown.clone(),
+        console,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

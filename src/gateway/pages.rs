@@ -13,15 +13,15 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
      frame-ancestors 'none'";
 
 /// One file served as it is.
-struct Asset {
-    path: &'static str,
-    content_type: &'static str,
-    body: &'static str,
+pub struct Asset {
+    pub path: &'static str,
+    pub content_type: &'static str,
+    pub body: &'static str,
 }
 
-const HTML: &str = "text/html; charset=utf-8";
-const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
-const CSS: &str = "text/css; charset=utf-8";
+pub const HTML: &str = "text/html; charset=utf-8";
+pub const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
+pub const CSS: &str = "text/css; charset=utf-8";
 
 /// `file` of examples/clients, served at `path`.
 macro_rules! asset {
@@ -44,7 +44,12 @@ const ASSETS: &[Asset] = &[
 
 /// `GET` routes of every asset; they need no credential (the page asks for one).
 pub fn routes() -> Router {
-    ASSETS.iter().fold(Router::new(), |router, asset| {
+    routes_of(ASSETS)
+}
+
+/// `GET` routes of `assets`, each sent under the pages' policy (the console's too).
+pub fn routes_of<S: Clone + Send + Sync + 'static>(assets: &'static [Asset]) -> Router<S> {
+    assets.iter().fold(Router::new(), |router, asset| {
         router.route(asset.path, get(move || async move { serve(asset) }))
     })
 }
@@ -72,6 +77,20 @@ fn serve(asset: &'static Asset) -> Response {
     response
 }
 
+/// Fails if `page` holds code [`CONTENT_SECURITY_POLICY`] would block: inline scripts, styles,
+/// style attributes or event handlers.
+#[cfg(test)]
+pub(crate) fn assert_no_inline_code(page: &str) {
+    assert!(!page.contains("<script>"), "scripts come from files");
+    assert!(!page.contains("<style"), "styles come from files");
+    assert!(!page.contains(" style=\""), "no inline style attributes");
+    let handler = page.split(" on").skip(1).find(|rest| {
+        let name_end = rest.find(|c: char| !c.is_ascii_lowercase()).unwrap_or(0);
+        name_end > 0 && rest[name_end..].starts_with('=')
+    });
+    assert_eq!(handler, None, "no inline event handlers");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,14 +110,6 @@ mod tests {
 
     #[test]
     fn the_page_has_no_inline_code_the_policy_would_block() {
-        let page = ASSETS[0].body;
-        assert!(!page.contains("<script>"), "scripts come from files");
-        assert!(!page.contains("<style"), "styles come from files");
-        assert!(!page.contains(" style=\""), "no inline style attributes");
-        let handler = page.split(" on").skip(1).find(|rest| {
-            let name_end = rest.find(|c: char| !c.is_ascii_lowercase()).unwrap_or(0);
-            name_end > 0 && rest[name_end..].starts_with('=')
-        });
-        assert_eq!(handler, None, "no inline event handlers");
+        assert_no_inline_code(ASSETS[0].body);
     }
 }

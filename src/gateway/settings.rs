@@ -8,8 +8,10 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::config::Settings;
-use crate::settings::{ConfigError, FileTable, Setting};
+use super::console::stages::repeated_name;
+use super::console::{StageTarget, DEFAULT_STAGES};
+use crate::config::{redact_url, Settings};
+use crate::settings::{layer, ConfigError, FileTable, Setting, SettingName};
 use crate::store::settings::named_or_stored_topics;
 
 /// Flags of `eventpipe gateway`; each falls back to its environment variable, then the file.
@@ -63,6 +65,16 @@ pub struct GatewayArgs {
     /// PEM private key of --tls-cert, PKCS#8 (`openssl pkcs8 -topk8 -nocrypt` converts others).
     #[arg(long, env = "EVENTPIPE_GATEWAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// A stage the console shows: NAME=URL of its /metrics, or NAME=self for this gateway;
+    /// repeat it, or comma-separate (default: scripts/demo's dispatch, log, aggregate and store
+    /// ports, and gateway=self).
+    #[arg(
+        long = "console-stage",
+        value_name = "NAME=URL",
+        env = "EVENTPIPE_GATEWAY_CONSOLE_STAGES",
+        value_delimiter = ','
+    )]
+    pub console_stages: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for GatewayArgs {
@@ -97,6 +109,7 @@ pub struct FileGateway {
     pub max_catch_ups: Option<usize>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub console_stages: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for FileGateway {
@@ -127,6 +140,8 @@ pub struct GatewaySettings {
     pub write_timeout: Duration,
     pub max_catch_ups: usize,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The stages the console scrapes.
+    pub console_stages: Vec<StageTarget>,
 }
 
 impl std::fmt::Debug for GatewaySettings {
@@ -223,6 +238,37 @@ const TLS_CERT: Setting<PathBuf> = Setting::new(
 );
 const TLS_KEY: Setting<PathBuf> =
     Setting::new("gateway.tls_key", "EVENTPIPE_GATEWAY_TLS_KEY", "--tls-key");
+const CONSOLE_STAGES: SettingName = SettingName::new(
+    "gateway.console_stages",
+    "EVENTPIPE_GATEWAY_CONSOLE_STAGES",
+    "--console-stage",
+);
+
+/// The console's stages: the flag's (or its variable's), else the file's, else the defaults.
+fn console_stages(args: &GatewayArgs, file: &FileGateway) -> Result<Vec<StageTarget>, ConfigError> {
+    let texts: Vec<String> = layer(&args.console_stages, &file.console_stages)
+        .unwrap_or_else(|| DEFAULT_STAGES.iter().map(|s| s.to_string()).collect());
+    let targets = texts
+        .iter()
+        .map(|text| {
+            // The reason never repeats the URL's password; the value shown is redacted too.
+            StageTarget::parse(text)
+                .map_err(|reason| CONSOLE_STAGES.invalid(redact_stage(text), reason))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = repeated_name(&targets) {
+        return Err(CONSOLE_STAGES.invalid(name, "a stage name given twice"));
+    }
+    Ok(targets)
+}
+
+/// `NAME=URL` with the URL's password hidden.
+fn redact_stage(text: &str) -> String {
+    match text.split_once('=') {
+        Some((name, url)) => format!("{name}={}", redact_url(url)),
+        None => text.to_string(),
+    }
+}
 
 impl GatewaySettings {
     pub fn load(args: &GatewayArgs, settings: &Settings) -> Result<GatewaySettings, ConfigError> {
@@ -296,6 +342,7 @@ impl GatewaySettings {
             ),
             max_catch_ups: MAX_CATCH_UPS.resolve(&args.max_catch_ups, &file.max_catch_ups)?,
             tls,
+            console_stages: console_stages(args, file)?,
         })
     }
 }
@@ -325,6 +372,38 @@ mod tests {
         );
         assert_eq!(settings.keep_alive, Duration::from_secs(15));
         assert!(settings.admin_token.is_none());
+    }
+
+    #[test]
+    fn console_stages_default_to_the_demo_and_are_checked() {
+        let settings = GatewaySettings::resolve(&with_topics(), &FileGateway::default()).unwrap();
+        let names: Vec<&str> = settings
+            .console_stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["dispatch", "log", "aggregate", "store", "gateway"]);
+        let file = FileGateway {
+            console_stages: Some(vec!["d=http://127.0.0.1:1/metrics".into()]),
+            ..FileGateway::default()
+        };
+        let settings = GatewaySettings::resolve(&with_topics(), &file).unwrap();
+        assert_eq!(settings.console_stages.len(), 1);
+        for bad in [
+            vec!["d=ftp://u:hunter2@h/".to_string()],
+            vec!["d=self".into(), "d=self".into()],
+            vec!["nameless".into()],
+        ] {
+            let args = GatewayArgs {
+                console_stages: Some(bad.clone()),
+                ..with_topics()
+            };
+            let error = GatewaySettings::resolve(&args, &FileGateway::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--console-stage"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
     }
 
     #[test]

@@ -182,13 +182,18 @@ impl Row {
     }
 }
 
-/// Active and sleeping subscriptions and the largest lag, for the gauges.
-pub async fn summary(gateway: &Gateway) -> Result<(u64, u64, u64), sqlx::Error> {
-    let rows = sqlx::query_as::<_, Row>(SELECT)
+/// Every subscription, by name (the gauges and the console).
+pub async fn all(gateway: &Gateway) -> Result<Vec<SubscriptionView>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, Row>(&format!("{SELECT} ORDER BY name"))
         .bind(ACTIVE_WITHIN_SECS)
         .fetch_all(&gateway.pool)
         .await?;
-    let views: Vec<SubscriptionView> = rows.iter().map(|row| row.view(gateway)).collect();
+    Ok(rows.iter().map(|row| row.view(gateway)).collect())
+}
+
+/// Active and sleeping subscriptions and the largest lag, for the gauges.
+pub async fn summary(gateway: &Gateway) -> Result<(u64, u64, u64), sqlx::Error> {
+    let views = all(gateway).await?;
     let active = views.iter().filter(|v| v.state == "active").count() as u64;
     let max_lag = views.iter().map(|v| v.lag).max().unwrap_or(0);
     Ok((active, views.len() as u64 - active, max_lag))

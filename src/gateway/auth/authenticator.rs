@@ -32,6 +32,8 @@ pub const SESSION_COOKIE: &str = "ep_session";
 /// Verified logins and looked-up tickets remembered per snapshot version, at most; a full cache
 /// starts over (a flood of distinct credentials costs lookups, not memory).
 const CACHE_CAPACITY: usize = 10_000;
+/// How long the admin's own login session lasts at most.
+const ADMIN_SESSION_TTL: Duration = Duration::from_secs(3600);
 /// The shortest polling period of the change counter.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
 /// How often expired tickets and sessions are deleted, and how long after expiry they are kept
@@ -342,11 +344,17 @@ impl Authenticator {
         Err(no_credential())
     }
 
+    /// Whether `text` is the admin token (compared by digest, in constant time).
+    fn is_admin_token(&self, text: &str) -> bool {
+        self.inner
+            .admin_sha256
+            .as_ref()
+            .is_some_and(|admin| secret::digests_equal(&secret::sha256(text.as_bytes()), admin))
+    }
+
     async fn by_secret(&self, text: &str) -> Result<(Principal, Proof), ApiError> {
-        if let Some(admin) = &self.inner.admin_sha256 {
-            if secret::digests_equal(&secret::sha256(text.as_bytes()), admin) {
-                return Ok((Principal::admin(), Proof::AdminToken));
-            }
+        if self.is_admin_token(text) {
+            return Ok((Principal::admin(), Proof::AdminToken));
         }
         let token = secret::parse(text).map_err(|error| match error {
             TokenError::UnknownPrefix => ApiError::unauthorized(
@@ -484,7 +492,9 @@ impl Authenticator {
         Ok((text, ttl))
     }
 
-    /// A session for a user logging in with Basic credentials (`POST /v1/login`).
+    /// A session (`POST /v1/login`) for a user logging in with Basic credentials, or for the
+    /// admin presenting the admin token as a bearer credential (the console's login: the page
+    /// then holds an HttpOnly cookie, never the token).
     pub async fn start_session(
         &self,
         headers: &HeaderMap,
@@ -493,20 +503,36 @@ impl Authenticator {
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .and_then(secret::basic_credentials);
-        let Some((name, password)) = basic else {
-            return Err(ApiError::unauthorized(
-                "log in with HTTP Basic: Authorization: Basic base64(name:password)",
-            ));
+        let (principal, credential, ttl) = match basic {
+            Some((name, password)) => {
+                let principal = self.login(&name, &password).await?;
+                (
+                    principal,
+                    CredentialRef::User(name),
+                    self.inner.options.session_ttl,
+                )
+            }
+            None => {
+                let text = presented_secret(headers, None).ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "log in with HTTP Basic (Authorization: Basic base64(name:password)), \
+                         or as the admin with Authorization: Bearer <admin token>",
+                    )
+                })?;
+                if !self.is_admin_token(text) {
+                    return Err(ApiError::unauthorized(
+                        "a bearer login takes the admin token; users log in with HTTP Basic",
+                    ));
+                }
+                // Shorter than a user's: an admin session outlives a change of the admin
+                // token until it expires (or its holder logs out).
+                let ttl = self.inner.options.session_ttl.min(ADMIN_SESSION_TTL);
+                (Principal::admin(), CredentialRef::Admin, ttl)
+            }
         };
-        let principal = self.login(&name, &password).await?;
-        let ttl = self.inner.options.session_ttl;
-        let (text, _) = credentials::issue_ticket(
-            &self.inner.pool,
-            TokenKind::Session,
-            &CredentialRef::User(name),
-            ttl,
-        )
-        .await?;
+        let (text, _) =
+            credentials::issue_ticket(&self.inner.pool, TokenKind::Session, &credential, ttl)
+                .await?;
         Ok((principal, text, ttl))
     }
 
