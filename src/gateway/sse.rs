@@ -15,7 +15,9 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::gateway::http::ApiError;
 use crate::gateway::session::Outgoing;
-use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, SseEvents, StreamQuery};
+use crate::gateway::streams::{
+    self, ConnectionGauge, FrameMeter, SessionTask, SseEvents, StreamQuery,
+};
 use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
@@ -47,7 +49,7 @@ pub fn open_with(
     attachment: Option<Attachment>,
     names: SseEvents,
 ) -> Response {
-    let mut frames = streams::spawn(
+    let (session, mut frames) = streams::start(
         gateway.sessions.clone(),
         request,
         &gateway.auth,
@@ -64,6 +66,7 @@ pub fn open_with(
         interval
     };
     let writer = SseWriter {
+        session: Some(session),
         frames,
         names,
         keep_alive,
@@ -93,6 +96,8 @@ pub fn open_with(
 /// a client that has several gets one socket write; the keep-alive is a fixed-period timer, not
 /// one re-armed per frame.
 struct SseWriter {
+    /// Driven here until it ends; its frames arrive on `frames`.
+    session: Option<SessionTask>,
     frames: mpsc::Receiver<Outgoing>,
     names: SseEvents,
     keep_alive: Interval,
@@ -110,24 +115,40 @@ impl SseWriter {
             return None;
         }
         let mut text = BytesMut::new();
-        tokio::select! {
-            received = self.frames.recv_many(&mut self.batch, streams::WRITE_BATCH) => {
-                if received == 0 {
-                    return None;
+        loop {
+            tokio::select! {
+                // The session first: what it queues now is written in this same round.
+                biased;
+                () = drive(&mut self.session), if self.session.is_some() => self.session = None,
+                received = self.frames.recv_many(&mut self.batch, streams::WRITE_BATCH) => {
+                    if received == 0 {
+                        return None;
+                    }
+                    self.meter.count(&self.batch);
+                    for item in self.batch.drain(..) {
+                        self.ended |= matches!(item, Outgoing::End { .. });
+                        write_frame(&mut text, item, self.names);
+                    }
+                    break;
                 }
-                self.meter.count(&self.batch);
-                for item in self.batch.drain(..) {
-                    self.ended |= matches!(item, Outgoing::End { .. });
-                    write_frame(&mut text, item, self.names);
+                _ = self.keep_alive.tick() => {
+                    text.put_slice(b":keep-alive\n\n");
+                    break;
                 }
             }
-            _ = self.keep_alive.tick() => text.put_slice(b":keep-alive\n\n"),
         }
         // The hint rides after the first frame (the start position), in a block of its own.
         if std::mem::take(&mut self.first) {
             text.put_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
         }
         Some(text.freeze())
+    }
+}
+
+/// Polls a session that has not ended (the caller checks it is there).
+async fn drive(session: &mut Option<SessionTask>) {
+    if let Some(session) = session {
+        session.await;
     }
 }
 

@@ -165,19 +165,26 @@ pub fn client_acks_need_a_subscription() -> ApiError {
     )
 }
 
-/// Starts the session's task; its frames arrive on the returned receiver, the last one an
-/// `Outgoing::End` saying why (unless the client is gone).
-pub fn spawn(
+/// A session to drive: the transport polls it beside its own writing, in the connection's own
+/// task, so a live event wakes one task on its way to the socket, not two.
+pub type SessionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The session of a stream; its frames arrive on the returned receiver, the last one an
+/// `Outgoing::End` saying why (unless the client is gone). Nothing happens until the task is
+/// polled.
+pub fn start(
     context: Arc<SessionContext>,
     request: SessionRequest,
     auth: &Authenticator,
     principal: &Principal,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<Outgoing> {
+) -> (SessionTask, mpsc::Receiver<Outgoing>) {
     let (out, frames) = mpsc::channel(WRITER_QUEUE);
     let revoked = auth.revoked(principal);
     let principal_id = principal.id.clone();
-    tokio::spawn(async move {
+    let task = Box::pin(async move {
+        // The transport drops the session when its client is gone: counted as such.
+        let gone = CountedIfDropped("gone");
         let (code, reason) = tokio::select! {
             ended = session::run(&context, request, out.clone()) => {
                 metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => ended.code()).increment(1);
@@ -189,6 +196,7 @@ pub fn spawn(
                 ("revoked", "the credential of this stream was revoked or expired".to_string())
             }
         };
+        std::mem::forget(gone);
         // Best effort: a client that is gone or stuck gets no last word.
         let _ = tokio::time::timeout(
             context.write_timeout,
@@ -196,7 +204,17 @@ pub fn spawn(
         )
         .await;
     });
-    frames
+    (task, frames)
+}
+
+/// Counts a dropped client with this reason if it is dropped before it is forgotten.
+struct CountedIfDropped(&'static str);
+
+impl Drop for CountedIfDropped {
+    fn drop(&mut self) {
+        metrics::counter!("eventpipe_gateway_clients_dropped_total", "reason" => self.0)
+            .increment(1);
+    }
 }
 
 /// Counts a connection while it lives (`eventpipe_gateway_connections{transport}`).

@@ -19,7 +19,7 @@ use crate::gateway::auth::Principal;
 use crate::gateway::cursor::Cursor;
 use crate::gateway::http::ApiError;
 use crate::gateway::session::{Outgoing, SessionRequest};
-use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, StreamQuery};
+use crate::gateway::streams::{self, ConnectionGauge, FrameMeter, SessionTask, StreamQuery};
 use crate::gateway::subscriptions::Attachment;
 use crate::gateway::Gateway;
 
@@ -67,7 +67,7 @@ pub fn open_with(
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
-            let mut frames = streams::spawn(
+            let (session, mut frames) = streams::start(
                 gateway.sessions.clone(),
                 request,
                 &gateway.auth,
@@ -77,13 +77,14 @@ pub fn open_with(
             if let Some(attachment) = attachment {
                 frames = attachment.track(frames);
             }
-            serve(&gateway, socket, frames, client_acks).await;
+            serve(&gateway, socket, session, frames, client_acks).await;
         })
 }
 
 async fn serve(
     gateway: &Gateway,
     mut socket: WebSocket,
+    mut session: SessionTask,
     mut frames: mpsc::Receiver<Outgoing>,
     client_acks: Option<watch::Sender<Option<String>>>,
 ) {
@@ -93,8 +94,12 @@ async fn serve(
     let mut ping = tokio::time::interval(gateway.settings.keep_alive);
     ping.tick().await;
     let mut batch = Vec::with_capacity(streams::WRITE_BATCH);
+    let mut session_over = false;
     loop {
         tokio::select! {
+            // The session first: what it queues now is written in this same round.
+            biased;
+            () = &mut session, if !session_over => session_over = true,
             received = frames.recv_many(&mut batch, streams::WRITE_BATCH) => {
                 if received == 0 {
                     return;
