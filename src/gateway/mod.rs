@@ -59,6 +59,8 @@ pub struct Gateway {
     pub auth: Authenticator,
     pub ingress: ingress::Ingress,
     pub pool: PgPool,
+    /// Flow control's pauses (`/v1/admin/flows`).
+    pub flows: crate::flows::FlowStore,
     pub shutdown: CancellationToken,
 }
 
@@ -84,6 +86,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
+        .merge(crate::flows::routes::routes(
+            gateway.auth.clone(),
+            gateway.flows.clone(),
+        ))
         .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
@@ -119,6 +125,13 @@ pub async fn start(
     )
     .await
     .context("gateway credentials")?;
+    // Pauses: the admin API, and their gauges from this instance's view of them.
+    let flows = crate::flows::FlowStore::on(pool.clone())
+        .await
+        .context("flow control")?;
+    crate::flows::watch::start(flows.clone(), shutdown.clone())
+        .await
+        .context("flow control")?;
     let (formats, registry) = crate::codec::shared(settings)?;
     let kafka_settings = settings.kafka.clone();
     let topics = gateway_settings.topics.clone();
@@ -177,6 +190,7 @@ pub async fn start(
         auth,
         ingress,
         pool,
+        flows,
         shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
