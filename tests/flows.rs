@@ -96,6 +96,34 @@ impl Fixture {
         serde_json::from_str(&common::stdout(&output)).unwrap()
     }
 
+    /// Waits until every partition released what the pause held, and it says resumed.
+    async fn wait_resumed(&self, id: &str) {
+        common::wait_until(
+            Duration::from_secs(60),
+            "the pause to be resumed",
+            async || {
+                let status = self.status(id);
+                match status["status"].as_str() {
+                    Some("resumed") => Ok(()),
+                    _ => Err(status.to_string()),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Asserts that none of `events` is on info yet.
+    fn assert_none_delivered(&self, reader: &Settings, held: &[Event], log: &str) {
+        let arrived: HashSet<Event> = events(&common::read_to_end(reader, &self.info))
+            .into_iter()
+            .collect();
+        let delivered: Vec<&Event> = held.iter().filter(|e| arrived.contains(e)).collect();
+        assert!(
+            delivered.is_empty(),
+            "paused events delivered: {delivered:?}\n{log}"
+        );
+    }
+
     /// Sends `service`'s create_user events `seqs` (10 users, keyed by user) and remembers them.
     async fn send(&self, sent: &mut Vec<Event>, service: &str, seqs: Range<u64>) {
         let records: Vec<(String, Vec<u8>)> = seqs
@@ -248,14 +276,7 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
     )
     .await;
     let lk_held = with_sender(&held, "lk");
-    let arrived: HashSet<Event> = events(&common::read_to_end(&reader, &f.info))
-        .into_iter()
-        .collect();
-    assert!(
-        lk_held.iter().all(|e| !arrived.contains(e)),
-        "no paused event is delivered: {}",
-        stage.log()
-    );
+    f.assert_none_delivered(&reader, &lk_held, &stage.log());
     common::wait_until(Duration::from_secs(30), "the held count", async || {
         let metrics = stage.metrics().await;
         let label = format!("pause=\"{id}\"");
@@ -281,16 +302,7 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
         "arm after the restart",
     )
     .await;
-    let arrived: HashSet<Event> = events(&common::read_to_end(&reader, &f.info))
-        .into_iter()
-        .collect();
-    assert!(
-        with_sender(&held, "lk")
-            .iter()
-            .all(|e| !arrived.contains(e)),
-        "no paused event is delivered after the restart: {}",
-        stage.log()
-    );
+    f.assert_none_delivered(&reader, &with_sender(&held, "lk"), &stage.log());
 
     let output = f.flows(&["resume", &id]);
     assert!(output.status.success(), "{}", common::stderr(&output));
@@ -300,18 +312,7 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
     sent.extend(held);
     sent.extend(live);
     wait_for_events(&reader, &f.info, &sent, "every event after the resume").await;
-    common::wait_until(
-        Duration::from_secs(60),
-        "the pause to be resumed",
-        async || {
-            let status = f.status(&id);
-            match status["status"].as_str() {
-                Some("resumed") => Ok(status),
-                _ => Err(status.to_string()),
-            }
-        },
-    )
-    .await;
+    f.wait_resumed(&id).await;
     assert_eq!(f.status(&id)["held"], json!(0));
     let outputs = events(&common::read_to_end(&reader, &f.info));
     assert_once_in_order(&outputs, &sent, &stage.log());
@@ -366,12 +367,7 @@ async fn two_dispatchers_in_one_group_both_obey_one_pause() {
         "arm while lk is paused",
     )
     .await;
-    let arrived: HashSet<Event> = events(&common::read_to_end(&settings, &f.info))
-        .into_iter()
-        .collect();
-    assert!(with_sender(&held, "lk")
-        .iter()
-        .all(|e| !arrived.contains(e)));
+    f.assert_none_delivered(&settings, &with_sender(&held, "lk"), &a.log());
     for stage in [&a, &b] {
         let metrics = stage.metrics().await;
         let count = common::metric_value(
@@ -394,18 +390,7 @@ async fn two_dispatchers_in_one_group_both_obey_one_pause() {
     sent.extend(held);
     sent.extend(live);
     wait_for_events(&settings, &f.info, &sent, "every event after the resume").await;
-    common::wait_until(
-        Duration::from_secs(60),
-        "the pause to be resumed",
-        async || {
-            let status = f.status(&id);
-            match status["status"].as_str() {
-                Some("resumed") => Ok(()),
-                _ => Err(status.to_string()),
-            }
-        },
-    )
-    .await;
+    f.wait_resumed(&id).await;
     let outputs = events(&common::read_to_end(&settings, &f.info));
     assert_once_in_order(&outputs, &sent, &format!("{}\n{}", a.log(), b.log()));
 }
