@@ -5,7 +5,7 @@ use chrono::SecondsFormat;
 use clap::{ArgGroup, Subcommand};
 
 use super::store::{FlowError, FlowStore, Pause, PauseRequest};
-use super::Scope;
+use super::{PauseState, Scope};
 use crate::config::Settings;
 use crate::filter::FilterSet;
 
@@ -138,12 +138,14 @@ async fn execute(command: FlowsCommand, settings: &Settings) -> Outcome {
                 }
             };
             for pause in resumed {
-                eprintln!(
-                    "pause {} {}: {} held events to release first",
-                    pause.id,
-                    pause.state.as_str(),
-                    pause.held_now()
-                );
+                match pause.state {
+                    PauseState::Resumed => eprintln!("pause {} resumed", pause.id),
+                    _ => eprintln!(
+                        "pause {} resuming: its {} held events go first, then the flow is live",
+                        pause.id,
+                        pause.held_now()
+                    ),
+                }
             }
             Ok("resume")
         }

@@ -290,7 +290,10 @@ impl FlowGate {
         });
         local.registered = true;
         match answer {
-            Registration::Hold(row) => local.update(&row),
+            Registration::Hold(row) => {
+                tracing::info!(pause = pause_id, topic = %partition.topic, partition = partition.partition, first_held = row.first_held, "holding the pause's events of the partition (they stay in Kafka)");
+                local.update(&row)
+            }
             Registration::Release(row) => {
                 local.live = true;
                 if let Some(row) = row {

@@ -285,7 +285,7 @@ impl FlowStore {
         .fetch_one(&mut *transaction)
         .await?;
         transaction.commit().await?;
-        tracing::info!(pause = row.id, filters = %request.filters, scope = %request.scope, "flow paused");
+        tracing::debug!(pause = row.id, filters = %request.filters, scope = %request.scope, "flow paused");
         Pause::from_columns(row).ok_or_else(|| FlowError::NotFound("just created".into()))
     }
 
@@ -302,7 +302,7 @@ impl FlowStore {
         .await?;
         self.finish_if_drained(id).await?;
         let pause = self.get(id).await?;
-        tracing::info!(
+        tracing::debug!(
             pause = id,
             status = pause.state.as_str(),
             "flow resume requested"
@@ -366,7 +366,7 @@ impl FlowStore {
         .rows_affected();
         transaction.commit().await?;
         if finished > 0 {
-            tracing::info!(pause = id, "flow resumed: every held event released");
+            tracing::debug!(pause = id, "flow resumed: every held event released");
         }
         Ok(())
     }
