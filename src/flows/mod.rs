@@ -6,13 +6,12 @@
 //! `first_held` and routes, of `[first_held, resume_at)`, exactly what the pause held (`hold`);
 //! from `resume_at` on the flow is live. Modules: `hold` (the pure deliver/skip rule), `store`
 //! (the tables), `watch` (each instance's view, polled), `gate` (a stage's side of it), `cli`
-//! and `routes` (`eventpipe flows`, `/v1/admin/flows`).
+//! (`eventpipe flows`); the gateway serves them as `/v1/admin/flows` (`gateway::flows`).
 
 pub mod cli;
 pub mod gate;
 pub mod hold;
 pub mod metrics;
-pub mod routes;
 pub mod store;
 pub mod watch;
 

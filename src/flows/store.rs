@@ -45,6 +45,11 @@ impl FlowError {
     }
 }
 
+/// A fresh pause id: 12 hex digits (48 random bits; pauses are few).
+fn new_id() -> String {
+    format!("{:012x}", rand::random::<u64>() >> 16)
+}
+
 /// Flow control's migrations; like every stage's, they ignore the others' versions.
 pub fn migrator() -> sqlx::migrate::Migrator {
     let mut migrator = sqlx::migrate!("./migrations/flows");
@@ -277,7 +282,7 @@ impl FlowStore {
             "INSERT INTO flow_pauses (id, filters, scope, reason, state, paused_by)
              VALUES ($1, $2, $3, $4, 'paused', $5) RETURNING {PAUSE_COLUMNS}"
         ))
-        .bind(crate::gateway::auth::secret::random_id())
+        .bind(new_id())
         .bind(&filters)
         .bind(request.scope.to_string())
         .bind(&request.reason)

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cursor;
 pub mod event;
 pub mod fanout;
+pub mod flows;
 pub mod history;
 pub mod http;
 pub mod ingress;
@@ -86,10 +87,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
-        .merge(crate::flows::routes::routes(
-            gateway.auth.clone(),
-            gateway.flows.clone(),
-        ))
+        .merge(flows::routes(gateway.auth.clone(), gateway.flows.clone()))
         .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })

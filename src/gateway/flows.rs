@@ -1,5 +1,5 @@
-//! `/v1/admin/flows` on the gateway, behind the admin credential: pause (202 with the pause and
-//! where to poll it), list, one pause with per-partition progress, resume (202).
+//! `/v1/admin/flows`: flow control's pauses over HTTP, behind the admin credential — pause (202
+//! with the pause and where to poll it), list, one pause with per-partition progress, resume (202).
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, Query, State};
@@ -10,12 +10,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::store::{FlowError, FlowStore, PauseRequest};
-use super::Scope;
+use super::auth::routes::AdminCaller;
+use super::auth::Authenticator;
+use super::http::ApiError;
 use crate::filter::FilterSet;
-use crate::gateway::auth::routes::AdminCaller;
-use crate::gateway::auth::Authenticator;
-use crate::gateway::http::ApiError;
+use crate::flows::store::{FlowError, FlowStore, PauseRequest};
+use crate::flows::Scope;
 
 #[derive(Clone)]
 struct FlowsState {
@@ -62,7 +62,7 @@ impl From<FlowError> for ApiError {
 
 /// Counts the request by outcome (the error's code, or `ok`).
 fn counted<T>(operation: &'static str, result: Result<T, ApiError>) -> Result<T, ApiError> {
-    super::metrics::request(
+    crate::flows::metrics::request(
         operation,
         match &result {
             Ok(_) => "ok",
