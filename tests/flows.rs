@@ -395,6 +395,9 @@ async fn two_dispatchers_in_one_group_both_obey_one_pause() {
     assert_once_in_order(&outputs, &sent, &format!("{}\n{}", a.log(), b.log()));
 }
 
+/// A call (method, path, body, credential) and the status and error code it must get.
+type ApiCase<'a> = (reqwest::Method, String, Option<Value>, &'a str, u16, &'a str);
+
 #[tokio::test]
 async fn bad_requests_get_a_clear_status_are_counted_and_change_nothing() {
     let settings = common::settings();
@@ -442,7 +445,7 @@ async fn bad_requests_get_a_clear_status_are_counted_and_change_nothing() {
     // The admin API: a status and a code.
     let post = reqwest::Method::POST;
     let get = reqwest::Method::GET;
-    let cases: Vec<(reqwest::Method, String, Option<Value>, &str, u16, &str)> = vec![
+    let cases: Vec<ApiCase> = vec![
         (
             post.clone(),
             "/v1/admin/flows".into(),
