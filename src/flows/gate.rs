@@ -1,6 +1,5 @@
-//! A stage's side of flow control: what each record of its partitions becomes under the active
-//! pauses (the `hold` rule over what this consumer knows), the rows written before it may commit
-//! past a held record, and the partitions it moves back when a pause resumes.
+//! A stage's side of flow control: each record held, released, skipped or delivered under the
+//! active pauses, the rows written before a hold may be committed, and the rewinds on resume.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

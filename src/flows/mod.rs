@@ -1,12 +1,11 @@
-//! Flow control: pauses (a filter set with a scope) kept in PostgreSQL and watched by every
-//! instance of a stage; matching events stay in Kafka while paused and are re-read on resume.
-//!
-//! A pause only records where holding began on each partition (`first_held`); nothing is
-//! copied. On resume the partition's owner records where it stood (`resume_at`), moves back to
-//! `first_held` and routes, of `[first_held, resume_at)`, exactly what the pause held (`hold`);
-//! from `resume_at` on the flow is live. Modules: `hold` (the pure deliver/skip rule), `store`
-//! (the tables), `watch` (each instance's view, polled), `gate` (a stage's side of it), `cli`
-//! (`eventpipe flows`); the gateway serves them as `/v1/admin/flows` (`gateway::flows`).
+//! Flow control: pauses (a filter set with a scope) kept in PostgreSQL and obeyed by every
+//! instance; held events stay in Kafka, and resume re-reads them in order (README "Flow control").
+
+// A pause records only where holding began on each partition (`first_held`). On resume the
+// partition's owner records where it stood (`resume_at`), moves back to `first_held` and routes,
+// of `[first_held, resume_at)`, exactly what the pause held; from `resume_at` on it is live.
+// `hold` is that rule, pure; `store` the tables; `watch` each instance's view; `gate` a stage's
+// side; `cli` is `eventpipe flows`, and the gateway serves `/v1/admin/flows` (`gateway::flows`).
 
 pub mod cli;
 pub mod gate;
