@@ -396,7 +396,14 @@ async fn two_dispatchers_in_one_group_both_obey_one_pause() {
 }
 
 /// A call (method, path, body, credential) and the status and error code it must get.
-type ApiCase<'a> = (reqwest::Method, String, Option<Value>, &'a str, u16, &'a str);
+type ApiCase<'a> = (
+    reqwest::Method,
+    String,
+    Option<Value>,
+    &'a str,
+    u16,
+    &'a str,
+);
 
 #[tokio::test]
 async fn bad_requests_get_a_clear_status_are_counted_and_change_nothing() {
@@ -594,4 +601,73 @@ async fn bad_requests_get_a_clear_status_are_counted_and_change_nothing() {
             "{operation} {outcome} counted"
         );
     }
+}
+
+#[tokio::test]
+async fn a_kill_during_the_release_neither_loses_nor_repeats_a_held_event() {
+    let settings = common::settings();
+    let reader = read_committed(&settings);
+    let f = Fixture::new(3).await;
+    let eos = [
+        ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true"),
+        ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
+    ];
+    let stage = f.start(&eos);
+    stage.wait_ready().await;
+    let id = f.pause("lk:*");
+    obeyed(&stage, 1.0).await;
+    // Enough held events that re-reading them takes a while.
+    let mut sent = Vec::new();
+    for seq in (0..6000).step_by(500) {
+        f.send(&mut sent, "lk", seq..seq + 500).await;
+        f.send(&mut sent, "arm", seq..seq + 500).await;
+    }
+    wait_for_events(
+        &reader,
+        &f.info,
+        &with_sender(&sent, "arm"),
+        "arm while lk is paused",
+    )
+    .await;
+    f.assert_none_delivered(&reader, &with_sender(&sent, "lk"), &stage.log());
+
+    let output = f.flows(&["resume", &id]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    // Killed as soon as a partition is being re-read (or, on a fast machine, once it is done).
+    common::wait_until(
+        Duration::from_secs(60),
+        "a partition releasing",
+        async || {
+            let status = f.status(&id);
+            let releasing = status["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["progress"] == "releasing" || p["progress"] == "drained");
+            match releasing {
+                true => Ok(()),
+                false => Err(status.to_string()),
+            }
+        },
+    )
+    .await;
+    let status_at_kill = f.status(&id);
+    let progress: Vec<&Value> = status_at_kill["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| &p["progress"])
+        .collect();
+    eprintln!("killed with the partitions {progress:?}");
+    stage.kill9();
+    let stage = f.start(&eos);
+    f.send(&mut sent, "lk", 6000..6100).await;
+    wait_for_events(&reader, &f.info, &sent, "every event after the restart").await;
+    f.wait_resumed(&id).await;
+    let outputs = events(&common::read_to_end(&reader, &f.info));
+    assert_once_in_order(
+        &outputs,
+        &sent,
+        &format!("killed at {status_at_kill}\n{}", stage.log()),
+    );
 }
