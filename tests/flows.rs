@@ -15,6 +15,12 @@ use eventpipe::config::Settings;
 use rdkafka::message::OwnedMessage;
 use serde_json::{json, Value};
 
+/// Transactions, and a short session so a killed member's partitions move on quickly.
+const EXACTLY_ONCE: &[(&str, &str)] = &[
+    ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true"),
+    ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
+];
+
 /// Bounds a wait for arrivals (never a pace).
 const ARRIVAL: Duration = Duration::from_secs(120);
 
@@ -110,6 +116,20 @@ impl Fixture {
             },
         )
         .await
+    }
+
+    /// `eventpipe dispatch` (as `start`), once it is ready.
+    async fn start_ready(&self, extra_env: &[(&str, &str)]) -> StageProcess {
+        let stage = self.start(extra_env);
+        stage.wait_ready().await;
+        stage
+    }
+
+    /// While lk is paused: every arm event of `sent` arrives, and none of lk's.
+    async fn assert_only_arm_arrives(&self, reader: &Settings, sent: &[Event], log: &str) {
+        let arm = with_sender(sent, "arm");
+        wait_for_events(reader, &self.info, &arm, "arm while lk is paused").await;
+        self.assert_none_delivered(reader, &with_sender(sent, "lk"), log);
     }
 
     /// Asserts that none of `events` is on info yet.
@@ -229,15 +249,6 @@ async fn obeyed(stage: &StageProcess, pauses: f64) {
     .await
 }
 
-fn read_committed(settings: &Settings) -> Settings {
-    let mut reader = settings.clone();
-    reader
-        .kafka
-        .properties
-        .insert("isolation.level".into(), "read_committed".into());
-    reader
-}
-
 fn with_sender(sent: &[Event], service: &str) -> Vec<Event> {
     sent.iter()
         .filter(|e| e.service == service)
@@ -248,14 +259,9 @@ fn with_sender(sent: &[Event], service: &str) -> Vec<Event> {
 #[tokio::test]
 async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_live_traffic() {
     let settings = common::settings();
-    let reader = read_committed(&settings);
+    let reader = common::read_committed(&settings);
     let f = Fixture::new(3).await;
-    let eos = [
-        ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true"),
-        ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
-    ];
-    let stage = f.start(&eos);
-    stage.wait_ready().await;
+    let stage = f.start_ready(EXACTLY_ONCE).await;
     let mut sent = Vec::new();
     f.send(&mut sent, "lk", 0..20).await;
     f.send(&mut sent, "arm", 0..20).await;
@@ -268,15 +274,9 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
         f.send(&mut held, "lk", seq..seq + 5).await;
         f.send(&mut held, "arm", seq..seq + 5).await;
     }
-    wait_for_events(
-        &reader,
-        &f.info,
-        &with_sender(&held, "arm"),
-        "arm while lk is paused",
-    )
-    .await;
+    f.assert_only_arm_arrives(&reader, &held, &stage.log())
+        .await;
     let lk_held = with_sender(&held, "lk");
-    f.assert_none_delivered(&reader, &lk_held, &stage.log());
     common::wait_until(Duration::from_secs(30), "the held count", async || {
         let metrics = stage.metrics().await;
         let label = format!("pause=\"{id}\"");
@@ -290,19 +290,12 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
 
     // A kill -9 mid-pause: the restarted dispatcher still holds lk, old and new.
     stage.kill9();
-    let stage = f.start(&eos);
-    stage.wait_ready().await;
+    let stage = f.start_ready(EXACTLY_ONCE).await;
     obeyed(&stage, 1.0).await;
     f.send(&mut held, "lk", 60..80).await;
     f.send(&mut held, "arm", 60..80).await;
-    wait_for_events(
-        &reader,
-        &f.info,
-        &with_sender(&held, "arm"),
-        "arm after the restart",
-    )
-    .await;
-    f.assert_none_delivered(&reader, &with_sender(&held, "lk"), &stage.log());
+    f.assert_only_arm_arrives(&reader, &held, &stage.log())
+        .await;
 
     let output = f.flows(&["resume", &id]);
     assert!(output.status.success(), "{}", common::stderr(&output));
@@ -324,10 +317,8 @@ async fn a_paused_flow_is_held_across_a_kill_and_released_in_order_once_before_l
 async fn two_dispatchers_in_one_group_both_obey_one_pause() {
     let settings = common::settings();
     let f = Fixture::new(4).await;
-    let a = f.start(&[]);
-    let b = f.start(&[]);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let a = f.start_ready(&[]).await;
+    let b = f.start_ready(&[]).await;
     // Both members own partitions before the pause (each reports lag of its own).
     common::wait_until(ARRIVAL, "both dispatchers to own partitions", async || {
         let owned_a = common::lag_series(
@@ -360,14 +351,7 @@ async fn two_dispatchers_in_one_group_both_obey_one_pause() {
     let mut held = Vec::new();
     f.send(&mut held, "lk", 20..60).await;
     f.send(&mut held, "arm", 20..60).await;
-    wait_for_events(
-        &settings,
-        &f.info,
-        &with_sender(&held, "arm"),
-        "arm while lk is paused",
-    )
-    .await;
-    f.assert_none_delivered(&settings, &with_sender(&held, "lk"), &a.log());
+    f.assert_only_arm_arrives(&settings, &held, &a.log()).await;
     for stage in [&a, &b] {
         let metrics = stage.metrics().await;
         let count = common::metric_value(
@@ -606,14 +590,9 @@ async fn bad_requests_get_a_clear_status_are_counted_and_change_nothing() {
 #[tokio::test]
 async fn a_kill_during_the_release_neither_loses_nor_repeats_a_held_event() {
     let settings = common::settings();
-    let reader = read_committed(&settings);
+    let reader = common::read_committed(&settings);
     let f = Fixture::new(3).await;
-    let eos = [
-        ("EVENTPIPE_DISPATCH_EXACTLY_ONCE", "true"),
-        ("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000"),
-    ];
-    let stage = f.start(&eos);
-    stage.wait_ready().await;
+    let stage = f.start_ready(EXACTLY_ONCE).await;
     let id = f.pause("lk:*");
     obeyed(&stage, 1.0).await;
     // Enough held events that re-reading them takes a while.
@@ -622,14 +601,8 @@ async fn a_kill_during_the_release_neither_loses_nor_repeats_a_held_event() {
         f.send(&mut sent, "lk", seq..seq + 500).await;
         f.send(&mut sent, "arm", seq..seq + 500).await;
     }
-    wait_for_events(
-        &reader,
-        &f.info,
-        &with_sender(&sent, "arm"),
-        "arm while lk is paused",
-    )
-    .await;
-    f.assert_none_delivered(&reader, &with_sender(&sent, "lk"), &stage.log());
+    f.assert_only_arm_arrives(&reader, &sent, &stage.log())
+        .await;
 
     let output = f.flows(&["resume", &id]);
     assert!(output.status.success(), "{}", common::stderr(&output));
@@ -660,7 +633,7 @@ async fn a_kill_during_the_release_neither_loses_nor_repeats_a_held_event() {
         .collect();
     eprintln!("killed with the partitions {progress:?}");
     stage.kill9();
-    let stage = f.start(&eos);
+    let stage = f.start(EXACTLY_ONCE);
     f.send(&mut sent, "lk", 6000..6100).await;
     wait_for_events(&reader, &f.info, &sent, "every event after the restart").await;
     f.wait_resumed(&id).await;
