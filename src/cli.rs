@@ -43,6 +43,9 @@ pub enum Command {
     Dispatch {
         #[command(flatten)]
         args: DispatchArgs,
+        /// PostgreSQL of flow control's pauses (with --flows true).
+        #[command(flatten)]
+        postgres: PostgresArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
     },
@@ -185,6 +188,14 @@ pub enum Command {
         #[command(flatten)]
         postgres: PostgresArgs,
     },
+    /// Pause and resume flows by sender and type (`flows pause --filter lk:*`), straight on
+    /// PostgreSQL; every instance of a stage obeys within a second.
+    Flows {
+        #[command(subcommand)]
+        command: crate::flows::cli::FlowsCommand,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,7 +278,9 @@ impl Command {
     /// The global settings' flags with this command's own flags for them on top.
     fn settings_args(&self, global: &SettingsArgs) -> SettingsArgs {
         let (elasticsearch, postgres, metrics) = match self {
-            Command::Dispatch { metrics, .. } => (None, None, Some(metrics)),
+            Command::Dispatch {
+                postgres, metrics, ..
+            } => (None, Some(postgres), Some(metrics)),
             Command::Log {
                 elasticsearch,
                 metrics,
@@ -292,7 +305,8 @@ impl Command {
             | Command::History { postgres, .. }
             | Command::Replay { postgres, .. }
             | Command::Users { postgres, .. }
-            | Command::Keys { postgres, .. } => (None, Some(postgres), None),
+            | Command::Keys { postgres, .. }
+            | Command::Flows { postgres, .. } => (None, Some(postgres), None),
             Command::Check {
                 elasticsearch,
                 postgres,
@@ -423,6 +437,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let summary = crate::dispatch::run(
                 &settings.kafka,
                 &dispatch,
+                settings.postgres_url.as_str(),
                 codecs,
                 &registry,
                 readiness,
@@ -563,6 +578,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Users { command, .. } => {
             crate::gateway::auth::cli::run_users(command, &settings).await
         }
+        Command::Flows { command, .. } => crate::flows::cli::run(command, &settings).await,
         Command::Keys { command, .. } => {
             crate::gateway::auth::cli::run_keys(command, &settings).await
         }

@@ -28,6 +28,14 @@ impl Part {
         }
     }
 
+    /// Some value both sides match: `*` meets anything, two names only themselves.
+    fn overlaps(&self, other: &Part) -> bool {
+        match (self, other) {
+            (Part::Any, _) | (_, Part::Any) => true,
+            (Part::Name(a), Part::Name(b)) => a == b,
+        }
+    }
+
     /// The name, or `None` for `*`.
     pub fn name(&self) -> Option<&str> {
         match self {
@@ -127,6 +135,11 @@ impl Filter {
     pub fn is_everything(&self) -> bool {
         self.service == Part::Any && self.action == Part::Any
     }
+
+    /// Some event matches both: `lk:*` and `*:update_user` share `lk:update_user`.
+    pub fn overlaps(&self, other: &Filter) -> bool {
+        self.service.overlaps(&other.service) && self.action.overlaps(&other.action)
+    }
 }
 
 /// Several filters, ORed. Parsed from any number of arguments, each one filter or a
@@ -183,6 +196,14 @@ impl FilterSet {
 
     pub fn is_everything(&self) -> bool {
         self.filters.iter().any(Filter::is_everything)
+    }
+
+    /// Some event matches both sets (flow control refuses two such pauses in one scope, so an
+    /// event is held by at most one): one filter of each that overlap.
+    pub fn overlaps(&self, other: &FilterSet) -> bool {
+        self.filters
+            .iter()
+            .any(|a| other.filters.iter().any(|b| a.overlaps(b)))
     }
 }
 
@@ -326,6 +347,35 @@ mod tests {
         let filters = set(&["lk:*, lk:*", "", "*:update_user"]);
         assert_eq!(filters.to_string(), "lk:*,*:update_user");
         assert_eq!(FilterSet::parse(&[filters.to_string()]).unwrap(), filters);
+    }
+
+    #[test]
+    fn sets_overlap_when_some_event_matches_both() {
+        let overlapping = [
+            ("lk:*", "*:update_user"),
+            ("lk:*", "lk:create_user"),
+            ("lk:*", "lk:*"),
+            ("*:*", "arm:update_user"),
+            ("lk:create_user,arm:*", "arm:create_user"),
+            ("*:create_user", "lk:*,orm:start_task"),
+        ];
+        for (a, b) in overlapping {
+            assert!(set(&[a]).overlaps(&set(&[b])), "{a} overlaps {b}");
+            assert!(set(&[b]).overlaps(&set(&[a])), "{b} overlaps {a}");
+        }
+        let disjoint = [
+            ("lk:*", "arm:*"),
+            ("lk:create_user", "lk:update_user"),
+            ("*:create_user", "*:update_user"),
+            (
+                "lk:create_user,arm:update_user",
+                "lk:update_user,arm:create_user",
+            ),
+        ];
+        for (a, b) in disjoint {
+            assert!(!set(&[a]).overlaps(&set(&[b])), "{a} is disjoint from {b}");
+            assert!(!set(&[b]).overlaps(&set(&[a])), "{b} is disjoint from {a}");
+        }
     }
 
     #[test]

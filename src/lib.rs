@@ -8,10 +8,12 @@ pub mod config; // global settings (Kafka, URLs, formats, telemetry) and the con
 pub mod dispatch; // `eventpipe dispatch`: route envelopes by action, at least once, with dead letters
 pub mod envelope; // the services' JSON envelope and its validation
 pub mod filter; // the SERVICE:ACTION filter language (store, gateway, flows): parser and matcher
+pub mod flows; // flow control: pauses by filter and scope, held in Kafka, released in order on resume
 pub mod gateway; // `eventpipe gateway`: HTTP ingress, SSE/WebSocket subscriptions, auth, admin, console
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, logging context, broker checks, bounded delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
+pub mod postgres; // PostgreSQL pools with a command's migrations applied
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod settings; // one setting's resolution: flag > environment > config file > default, checked
 pub mod shutdown; // SIGINT/SIGTERM into a CancellationToken, drain deadline

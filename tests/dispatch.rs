@@ -496,16 +496,6 @@ async fn an_output_too_large_for_the_producer_is_dead_lettered_and_the_partition
     }
 }
 
-/// The settings of a `read_committed` reader: it sees only committed transactions.
-fn read_committed(settings: &eventpipe::config::Settings) -> eventpipe::config::Settings {
-    let mut reader = settings.clone();
-    reader
-        .kafka
-        .properties
-        .insert("isolation.level".into(), "read_committed".into());
-    reader
-}
-
 /// Waits until `count` outputs are readable on `topic` (a minute at most per record).
 async fn wait_for_committed_outputs(
     reader: &eventpipe::config::Settings,
@@ -531,7 +521,7 @@ async fn wait_for_committed_outputs(
 #[tokio::test]
 async fn exactly_once_over_three_topics_across_a_rebalance_outputs_each_event_once_in_order() {
     let settings = common::settings();
-    let committed_reader = read_committed(&settings);
+    let committed_reader = common::read_committed(&settings);
     let f = Fixture::new(3).await;
     let mut seqs_so_far = HashMap::new();
     let start_ms = chrono::Utc::now().timestamp_millis() - 600_000;
@@ -799,7 +789,7 @@ async fn kill_minus_nine_mid_stream_loses_nothing() {
 #[tokio::test]
 async fn exactly_once_switch_survives_kill_minus_nine_without_duplicates() {
     let settings = common::settings();
-    let committed_reader = read_committed(&settings);
+    let committed_reader = common::read_committed(&settings);
     let f = Fixture::new(3).await;
     let total = 20_000u64;
     let records: Vec<(String, Vec<u8>)> = (0..total)

@@ -15,6 +15,19 @@ pub struct LoopMetrics {
 }
 
 impl LoopMetrics {
+    /// A record flow control held, or skipped while re-reading after a resume (rare enough
+    /// for a registry lookup).
+    pub fn flow(&mut self, decision: crate::flows::hold::Decision) {
+        let decision = match decision {
+            crate::flows::hold::Decision::Hold(_) => "held",
+            crate::flows::hold::Decision::Release(_) => "released",
+            crate::flows::hold::Decision::Skip => "skipped",
+            crate::flows::hold::Decision::Deliver => return,
+        };
+        metrics::counter!("eventpipe_dispatch_flow_records_total", "decision" => decision)
+            .increment(1);
+    }
+
     pub fn consumed(&mut self, topic: &Arc<str>) {
         self.consumed
             .entry(topic.clone())

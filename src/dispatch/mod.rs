@@ -16,8 +16,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaSettings;
+use crate::flows::gate::{Assignment, FlowHooks};
+use crate::flows::{FlowGate, FlowStore, Scope};
 use crate::settings::ConfigError;
-use crate::stage::{DeadLetterTopic, InputTopics, NoHooks, OffsetPolicy, StageSpec};
+use crate::stage::{
+    DeadLetterTopic, InputTopics, NoHooks, OffsetPolicy, PartitionHooks, StageSpec,
+};
 use crate::telemetry::Readiness;
 pub use pipeline::{DispatchStage, DispatchSummary};
 use registry::HandlerRegistry;
@@ -33,10 +37,12 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const TRANSACTION_MAX_INPUTS: usize = 10_000;
 const TRANSACTION_MAX_TIME: Duration = Duration::from_millis(100);
 
-/// Loads the routes, binds handlers from `registry`, and runs until `shutdown`.
+/// Loads the routes, binds handlers from `registry`, and runs until `shutdown`; with
+/// `settings.flows`, obeys the pauses kept in PostgreSQL at `postgres_url`.
 pub async fn run(
     kafka: &KafkaSettings,
     settings: &DispatchSettings,
+    postgres_url: &str,
     codecs: DispatchCodecs,
     registry: &HandlerRegistry,
     readiness: Readiness,
@@ -69,8 +75,15 @@ pub async fn run(
     };
     let spec = stage_spec(kafka, settings, &transformer);
     tracing::info!(actions = ?transformer.router.actions(), exactly_once = settings.exactly_once, "dispatching");
-    let stage = crate::stage::run(kafka, spec, Arc::new(NoHooks), readiness, shutdown, |_| {
-        DispatchStage::new(transformer)
+    let (gate, hooks) = match settings.flows {
+        true => {
+            let (gate, hooks) = flow_gate(settings, postgres_url, &shutdown).await?;
+            (Some(gate), hooks)
+        }
+        false => (None, Arc::new(NoHooks) as Arc<dyn PartitionHooks>),
+    };
+    let stage = crate::stage::run(kafka, spec, hooks, readiness, shutdown, |_| {
+        DispatchStage::new(transformer).with_flows(gate)
     })
     .await?;
     let summary = stage.summary;
@@ -81,6 +94,30 @@ pub async fn run(
         "dispatcher stopped"
     );
     Ok(summary)
+}
+
+/// The dispatcher's flow control: its consumer group is the holder, pauses of scope `dispatch`
+/// and `all` apply; the pauses are read before the first record.
+async fn flow_gate(
+    settings: &DispatchSettings,
+    postgres_url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(FlowGate, Arc<dyn PartitionHooks>)> {
+    let store = FlowStore::connect(postgres_url, 4).await?;
+    let view = crate::flows::watch::start(store.clone(), shutdown.clone()).await?;
+    let assignment = Arc::new(Assignment::default());
+    let gate = FlowGate::new(
+        store,
+        settings.group_id.clone(),
+        Scope::covers_dispatch,
+        view,
+        assignment.clone(),
+    );
+    tracing::info!(
+        group_id = settings.group_id,
+        "obeying flow control's pauses"
+    );
+    Ok((gate, Arc::new(FlowHooks(assignment))))
 }
 
 /// The dispatcher as the runtime sees it.

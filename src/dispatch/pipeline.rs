@@ -7,7 +7,9 @@ use super::metrics::LoopMetrics;
 use super::transform::{Disposition, InputRecord, OutputRecord, Transformer};
 use crate::codec::{available, Codec, Format, RecordError};
 use crate::envelope::now_timestamp;
-use crate::stage::{Handled, Record, Stage, StageError};
+use crate::flows::hold::Decision;
+use crate::flows::{FlowError, FlowGate};
+use crate::stage::{Handled, PartitionId, Record, Stage, StageError};
 
 /// What a dispatcher run did, for the caller's summary line.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -15,6 +17,8 @@ pub struct DispatchSummary {
     pub consumed: u64,
     pub routed: u64,
     pub dead_lettered: u64,
+    /// Held by a pause (left in Kafka, routed when it resumes).
+    pub held: u64,
 }
 
 /// The dispatcher's logic; the loop around it is the stage runtime's.
@@ -22,6 +26,8 @@ pub struct DispatchStage {
     pub transformer: Transformer,
     pub summary: DispatchSummary,
     metrics: LoopMetrics,
+    /// Flow control, when the dispatcher obeys pauses.
+    flows: Option<FlowGate>,
 }
 
 impl DispatchStage {
@@ -30,12 +36,38 @@ impl DispatchStage {
             transformer,
             summary: DispatchSummary::default(),
             metrics: LoopMetrics::default(),
+            flows: None,
         }
+    }
+
+    pub fn with_flows(self, flows: Option<FlowGate>) -> DispatchStage {
+        DispatchStage { flows, ..self }
+    }
+}
+
+/// Flow control's database, as the runtime sees a dependency that is down.
+fn flows_unavailable(error: FlowError) -> StageError {
+    StageError::Unavailable {
+        dependency: "flow_control",
+        reason: error.to_string(),
     }
 }
 
 impl Stage for DispatchStage {
     async fn handle(&mut self, record: &Record<'_>) -> Result<Handled, StageError> {
+        if let Some(gate) = self.flows.as_mut().filter(|g| !g.is_idle()) {
+            match gate.decide(record).await.map_err(flows_unavailable)? {
+                Decision::Deliver => {}
+                decision @ Decision::Release(_) => self.metrics.flow(decision),
+                decision @ (Decision::Hold(_) | Decision::Skip) => {
+                    if let Decision::Hold(_) = decision {
+                        self.summary.held += 1;
+                    }
+                    self.metrics.flow(decision);
+                    return Ok(Handled::Outputs(Vec::new()));
+                }
+            }
+        }
         let codecs = &self.transformer.codecs;
         let decoded = available(
             "dispatch",
@@ -83,6 +115,34 @@ impl Stage for DispatchStage {
                 Handled::DeadLetter(dead_letter)
             }
         })
+    }
+
+    async fn tick(&mut self) -> Result<(), StageError> {
+        if let Some(gate) = self.flows.as_mut() {
+            gate.tick().await;
+        }
+        Ok(())
+    }
+
+    fn rewinds(&mut self) -> Vec<PartitionId> {
+        self.flows
+            .as_ref()
+            .map(FlowGate::rewinds)
+            .unwrap_or_default()
+    }
+
+    async fn rewind_from(
+        &mut self,
+        partition: &PartitionId,
+        position: i64,
+    ) -> Result<Option<i64>, StageError> {
+        match self.flows.as_mut() {
+            Some(gate) => gate
+                .rewind_from(partition, position)
+                .await
+                .map_err(flows_unavailable),
+            None => Ok(None),
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub struct DispatchArgs {
     /// Transactional id of this instance (default: `<group id>-<hostname>`); one per instance.
     #[arg(long, env = "EVENTPIPE_DISPATCH_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
+    /// Obey flow control's pauses (`eventpipe flows`), kept in PostgreSQL (`--postgres-url`).
+    #[arg(long, env = "EVENTPIPE_DISPATCH_FLOWS")]
+    pub flows: Option<bool>,
 }
 
 /// The config file's `[dispatch]` table.
@@ -55,6 +58,7 @@ pub struct FileDispatch {
     pub drain_timeout_secs: Option<u64>,
     pub exactly_once: Option<bool>,
     pub transactional_id: Option<String>,
+    pub flows: Option<bool>,
 }
 
 impl FileTable for FileDispatch {
@@ -77,6 +81,8 @@ pub struct DispatchSettings {
     pub exactly_once: bool,
     /// Stable per instance, so a restarted instance fences its predecessor's open transaction.
     pub transactional_id: String,
+    /// Obey the pauses of scope `dispatch` and `all` (PostgreSQL at the global `postgres.url`).
+    pub flows: bool,
 }
 
 /// A list of topics or a pattern, not both (resolved together).
@@ -129,6 +135,8 @@ const EXACTLY_ONCE: Setting<bool> = Setting::new(
     "--exactly-once",
 )
 .default(false);
+const FLOWS: Setting<bool> =
+    Setting::new("dispatch.flows", "EVENTPIPE_DISPATCH_FLOWS", "--flows").default(false);
 /// Default: `<group id>-<hostname>`.
 const TRANSACTIONAL_ID: Setting<String> = Setting::new(
     "dispatch.transactional_id",
@@ -164,6 +172,7 @@ impl DispatchSettings {
                 DRAIN_TIMEOUT_SECS.resolve(&args.drain_timeout_secs, &file.drain_timeout_secs)?,
             ),
             exactly_once: EXACTLY_ONCE.resolve(&args.exactly_once, &file.exactly_once)?,
+            flows: FLOWS.resolve(&args.flows, &file.flows)?,
         })
     }
 }

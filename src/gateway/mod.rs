@@ -10,6 +10,7 @@ pub mod console;
 pub mod cursor;
 pub mod event;
 pub mod fanout;
+pub mod flows;
 pub mod history;
 pub mod http;
 pub mod ingress;
@@ -60,6 +61,8 @@ pub struct Gateway {
     pub auth: Authenticator,
     pub ingress: ingress::Ingress,
     pub pool: PgPool,
+    /// Flow control's pauses (`/v1/admin/flows`).
+    pub flows: crate::flows::FlowStore,
     pub shutdown: CancellationToken,
     pub console: console::Console,
 }
@@ -86,6 +89,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/history", get(history::history))
         .with_state(gateway.clone())
         .merge(auth::routes(gateway.auth.clone()))
+        .merge(flows::routes(gateway.auth.clone(), gateway.flows.clone()))
         .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
         .merge(console::routes(gateway.clone()))
@@ -122,6 +126,13 @@ pub async fn start(
     )
     .await
     .context("gateway credentials")?;
+    // Pauses: the admin API, and their gauges from this instance's view of them.
+    let flows = crate::flows::FlowStore::on(pool.clone())
+        .await
+        .context("flow control")?;
+    crate::flows::watch::start(flows.clone(), shutdown.clone())
+        .await
+        .context("flow control")?;
     let (formats, registry) = crate::codec::shared(settings)?;
     let kafka_settings = settings.kafka.clone();
     let topics = gateway_settings.topics.clone();
@@ -186,6 +197,7 @@ pub async fn start(
         auth,
         ingress,
         pool,
+        flows,
         shutdown: shutdown.clone(),
         console,
     });

@@ -91,6 +91,29 @@ impl Committer {
         }
     }
 
+    /// Commits `checkpoints` synchronously, whatever was confirmed before (a partition moved
+    /// back commits a lower offset); false when the commit failed.
+    pub(crate) fn commit_now<C: ConsumerContext, K: Consumer<C>>(
+        &self,
+        consumer: &K,
+        checkpoints: Vec<(PartitionId, Checkpoint)>,
+    ) -> bool {
+        match consumer.commit(&commit_list(&checkpoints), CommitMode::Sync) {
+            Ok(()) => {
+                let mut state = self.state();
+                for (id, checkpoint) in checkpoints {
+                    state.requested.remove(&id);
+                    state.confirmed.insert(id, checkpoint);
+                }
+                true
+            }
+            Err(error) => {
+                self.failed(&error.to_string(), CommitMode::Sync);
+                false
+            }
+        }
+    }
+
     /// The commit callback: an asynchronous commit completed.
     pub(crate) fn completed(
         &self,

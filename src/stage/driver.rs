@@ -646,7 +646,7 @@ impl Driver {
         Ok(())
     }
 
-    /// After an abort, moves still-owned partitions back to the batch's first offsets. What the
+    /// After an abort (or at the stage's request), moves still-owned partitions back to the given offsets. What the
     /// loop kept of those partitions (merge buffers, a held record) is dropped: librdkafka
     /// delivers it again from the rewound position, and keeping both would handle it twice.
     fn rewind(&mut self, first: &BTreeMap<PartitionId, i64>) {
@@ -676,6 +676,146 @@ impl Driver {
         }
     }
 
+    /// The stage asked to read partitions again: what it handled of them becomes durable, it
+    /// records where they stood, their committed offsets move back (so a crash or a rebalance
+    /// re-reads as well), then they are sought back like after an abort.
+    async fn rewind_for_stage<S: Stage>(
+        &mut self,
+        stage: &mut S,
+        wanted: Vec<PartitionId>,
+    ) -> Result<(), StageError> {
+        let name = self.spec.name;
+        if self.spec.policy == OffsetPolicy::Checkpoint {
+            tracing::warn!(
+                stage = name,
+                "rewinds are not offered under the checkpoint policy"
+            );
+            return Ok(());
+        }
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        let wanted: Vec<PartitionId> = wanted
+            .into_iter()
+            .filter(|id| assignment.find_partition(&id.topic, id.partition).is_some())
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        if self.at_least_once() {
+            let deadline = Instant::now() + self.spec.drain_timeout;
+            while Instant::now() < deadline && !self.deliveries.has_failure() {
+                let pending: usize = {
+                    let tracker = lock(&self.shared.tracker);
+                    wanted.iter().map(|id| tracker.pending_on(id)).sum()
+                };
+                if pending == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.commit(stage, CommitMode::Sync);
+        } else {
+            self.end_transaction().await?;
+        }
+        // The broker's committed offsets: what is durably decided, whatever aborted or timed out.
+        let mut list = TopicPartitionList::new();
+        for id in &wanted {
+            list.add_partition(&id.topic, id.partition);
+        }
+        let consumer = self.consumer.clone();
+        let committed = match blocking(move || {
+            consumer.committed_offsets(list, Duration::from_secs(10))
+        }) {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(stage = name, %error, "reading committed offsets to rewind; trying again");
+                return Ok(());
+            }
+        };
+        let mut targets = BTreeMap::new();
+        for id in &wanted {
+            let position = committed
+                .find_partition(&id.topic, id.partition)
+                .map(|e| e.offset());
+            // Never committed: nothing is decided yet; asked again once something is.
+            let Some(Offset::Offset(position)) = position else {
+                continue;
+            };
+            match stage.rewind_from(id, position).await {
+                Ok(Some(target)) => {
+                    targets.insert(id.clone(), target);
+                }
+                Ok(None) => {}
+                Err(StageError::Unavailable { dependency, reason }) => {
+                    tracing::warn!(stage = name, dependency, %reason, "rewind deferred to the next tick");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let moved_back = if self.at_least_once() {
+            {
+                let mut tracker = lock(&self.shared.tracker);
+                for id in targets.keys() {
+                    tracker.forget(id);
+                }
+            }
+            let checkpoints = targets
+                .iter()
+                .map(|(id, offset)| {
+                    let checkpoint = Checkpoint {
+                        next_offset: *offset,
+                        metadata: None,
+                    };
+                    (id.clone(), checkpoint)
+                })
+                .collect();
+            self.shared
+                .committer
+                .commit_now(&*self.consumer, checkpoints)
+        } else {
+            let mut offsets = TopicPartitionList::new();
+            for (id, offset) in &targets {
+                let _ =
+                    offsets.add_partition_offset(&id.topic, id.partition, Offset::Offset(*offset));
+            }
+            match self.consumer.group_metadata() {
+                None => false,
+                Some(group) => {
+                    let producer = self.producer.clone();
+                    blocking(move || {
+                        let outcome = producer
+                            .begin_transaction()
+                            .and_then(|()| {
+                                producer.send_offsets_to_transaction(
+                                    &offsets,
+                                    &group,
+                                    TRANSACTION_TIMEOUT,
+                                )
+                            })
+                            .and_then(|()| producer.commit_transaction(TRANSACTION_TIMEOUT));
+                        if outcome.is_err() {
+                            let _ = producer.abort_transaction(TRANSACTION_TIMEOUT);
+                        }
+                        outcome.is_ok()
+                    })
+                }
+            }
+        };
+        if !moved_back {
+            // Reading again still moves the committed offset back with the first commit.
+            tracing::warn!(stage = name, "committing the rewound offsets failed; a crash before the next commit leaves the release unfinished");
+        }
+        tracing::info!(
+            stage = name,
+            partitions = targets.len(),
+            "rewinding at the stage's request"
+        );
+        self.rewind(&targets);
+        Ok(())
+    }
+
     async fn on_tick<S: Stage>(&mut self, stage: &mut S) -> Result<(), StageError> {
         if self.at_least_once() {
             if let Some(reason) = self.deliveries.take_failure() {
@@ -684,6 +824,10 @@ impl Driver {
             self.resend_dead_letters(false).await;
         }
         stage.tick().await?;
+        let wanted = stage.rewinds();
+        if !wanted.is_empty() {
+            self.rewind_for_stage(stage, wanted).await?;
+        }
         match &self.spec.policy {
             OffsetPolicy::Transactional { batch_time, .. } => {
                 if self.transaction.as_ref().is_some_and(|t| {

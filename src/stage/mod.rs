@@ -305,6 +305,26 @@ pub trait Stage: Send {
     fn checkpoints(&self) -> Vec<(PartitionId, Checkpoint)> {
         Vec::new()
     }
+
+    /// Partitions the stage wants to read again from an earlier offset (flow control's
+    /// resume), asked after every tick (`AckedPrefix` and `Transactional` only). The runtime
+    /// makes what it handled of each durable, then calls `rewind_from`.
+    fn rewinds(&mut self) -> Vec<PartitionId> {
+        Vec::new()
+    }
+
+    /// Everything handled of `partition` is durable up to `position` (its next offset): the
+    /// stage records what it needs and answers where to read again from (`None`: nowhere).
+    /// The committed offset moves back there before the partition does, so a crash or a
+    /// rebalance reads again from there too. `Unavailable`: asked again after the next tick.
+    fn rewind_from(
+        &mut self,
+        partition: &PartitionId,
+        position: i64,
+    ) -> impl Future<Output = Result<Option<i64>, StageError>> + Send {
+        let _ = (partition, position);
+        async { Ok(None) }
+    }
 }
 
 /// A checkpoint: the next offset to read after a restart and metadata to restore state from.

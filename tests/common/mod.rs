@@ -289,6 +289,16 @@ pub async fn wait_for_empty_group(settings: &Settings, group: &str, timeout: Dur
     .await
 }
 
+/// The settings of a `read_committed` reader: it sees only committed transactions.
+pub fn read_committed(settings: &Settings) -> Settings {
+    let mut reader = settings.clone();
+    reader
+        .kafka
+        .properties
+        .insert("isolation.level".into(), "read_committed".into());
+    reader
+}
+
 /// Every record of `topic` up to its end offsets as they are now, in partition order: the
 /// topic's whole content, not "what arrived before a quiet period". Read with `settings`'
 /// isolation level; positions (not counts) decide the end, so transaction markers are skipped.
