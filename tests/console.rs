@@ -414,6 +414,44 @@ async fn the_admin_sees_the_pipeline_live_and_manages_it_from_the_page() {
     let id = key["id"].as_str().unwrap();
     assert!(shown.starts_with(&format!("ep_{id}_")), "{shown}");
 
+    // A pause made on the page is what the flows API lists; its resume (two clicks) takes.
+    let paused_sender = unique("svc");
+    let filter = format!("{paused_sender}:*");
+    browser
+        .evaluate(&submit(
+            "pause-form",
+            &[("filters", &filter), ("reason", "from the console")],
+        ))
+        .await;
+    let pause = until_listed(&gateway, "/v1/admin/flows?all=true", "pauses", |p| {
+        p["filters"] == json!([filter])
+    })
+    .await;
+    assert_eq!(
+        (&pause["status"], &pause["scope"], &pause["reason"]),
+        (
+            &json!("paused"),
+            &json!("dispatch"),
+            &json!("from the console")
+        )
+    );
+    let pause_id = pause["id"].as_str().unwrap().to_string();
+    let shown = format!(
+        "document.querySelector('#pauses tr[data-pause={}]')?.dataset.status === 'paused'",
+        json!(pause_id)
+    );
+    until_true(&mut browser, "the pause listed on the page", &shown).await;
+    let resume = format!(
+        "(() => {{ document.querySelector('#pauses tr[data-pause={}] button').click(); return true; }})()",
+        json!(pause_id)
+    );
+    browser.evaluate(&resume).await;
+    browser.evaluate(&resume).await;
+    until_listed(&gateway, "/v1/admin/flows?all=true", "pauses", |p| {
+        p["id"] == json!(pause_id) && p["status"] != "paused"
+    })
+    .await;
+
     // A tail the gateway refuses says why.
     browser
         .evaluate(&submit(

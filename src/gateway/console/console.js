@@ -136,6 +136,7 @@ async function poll() {
     showConsole();
     lastOverview = overview;
     drawOverview(overview);
+    await loadPauses();
     setStatus("live", `live · ${new Date(overview.generated_at).toLocaleTimeString("en-GB")}`);
     if (Date.now() - lastCredentials > CREDENTIALS_EVERY_MS) await loadCredentials();
     if ($("problem").dataset.from === "poll") showProblem("");
@@ -375,6 +376,45 @@ function drawTopics(view) {
   $("topics-note").textContent = note;
 }
 
+/** Pauses still in force or releasing, and the ones resumed since (`?all=true`). */
+async function loadPauses() {
+  let answer;
+  try {
+    answer = await api("GET", "/v1/admin/flows?all=true");
+  } catch (error) {
+    $("flows-note").textContent = `flow control unavailable: ${error.message}`;
+    return;
+  }
+  const since = (time) => (time ? duration(Date.now() - new Date(time).getTime()) + " ago" : "–");
+  const rows = answer.pauses.map((p) =>
+    el(
+      "tr",
+      { "data-pause": p.id, "data-status": p.status, "data-held": String(p.held ?? 0) },
+      el("td", { class: "mono" }, p.id),
+      el("td", { class: "mono" }, p.filters.join(", ")),
+      el("td", {}, p.scope),
+      el("td", {}, el("span", { class: `badge ${p.status === "resumed" ? "idle" : "warn"}` }, p.status)),
+      el("td", { class: "number" }, number(p.held ?? 0)),
+      el("td", {}, since(p.oldest_held_at)),
+      el("td", {}, p.reason),
+      el("td", { class: "muted" }, since(p.paused_at)),
+      el(
+        "td",
+        {},
+        p.status === "paused"
+          ? armedButton(`pause:${p.id}`, "resume", () =>
+              act(`resuming ${p.id}`, () => api("POST", `/v1/admin/flows/${encodeURIComponent(p.id)}/resume`)),
+            )
+          : null,
+      ),
+    ),
+  );
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "nothing paused")));
+  $("pauses").tBodies[0].replaceChildren(...rows);
+  const active = answer.pauses.filter((p) => p.status !== "resumed").length;
+  $("flows-note").textContent = `${active} in force`;
+}
+
 function drawOverview(overview) {
   drawStages(overview.stages);
   drawSubscriptions(overview);
@@ -462,6 +502,14 @@ function wireForms() {
       api("PUT", `/v1/subscriptions/${encodeURIComponent(fields.name.trim())}`, body),
     );
     if (done) form.reset();
+  });
+  $("pause-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = event.target;
+    const fields = formFields(form);
+    const body = { filters: list(fields.filters), scope: fields.scope, reason: fields.reason };
+    const paused = await act("pausing", () => api("POST", "/v1/admin/flows", body));
+    if (paused) form.reset();
   });
   $("user-form").addEventListener("submit", async (event) => {
     event.preventDefault();
