@@ -6,16 +6,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, CodecError, SchemaName};
 use crate::config::KafkaSettings;
-use crate::kafka::client::{create_client, require_topics, wait_for_broker};
-use crate::kafka::delivery::BoundedSender;
-use crate::kafka::{ClientKind, KafkaError};
-use crate::produce::owned_headers;
+use crate::kafka::client::{require_topics, wait_for_broker};
+use crate::kafka::delivery::{owned_headers, BoundedSender, CountedProducer};
+use crate::kafka::KafkaError;
 
 /// The aggregation functions every aggregator understands.
 pub const FUNCTIONS: [&str; 5] = ["count", "sum", "avg", "min", "max"];
@@ -228,8 +227,7 @@ pub async fn run_encoded(
     shutdown: CancellationToken,
 ) -> Result<u64, GenerateError> {
     let context = crate::kafka::PipelineContext::default();
-    let producer: FutureProducer<crate::kafka::PipelineContext> =
-        create_client(settings, ClientKind::Producer, context.clone())?;
+    let producer = CountedProducer::create(settings, context.clone())?;
     let metadata = wait_for_broker(producer.client(), &context, settings)?;
     let mut generator = Generator::new(
         options.kind,
@@ -262,7 +260,7 @@ pub async fn run_encoded(
             let value = codec.encode(&record.topic, record.value).await?;
             sender
                 .send(
-                    FutureRecord::to(&record.topic)
+                    BaseRecord::to(&record.topic)
                         .key(record.key.as_bytes())
                         .payload(value.as_slice())
                         .headers(owned_headers(&record.headers)),

@@ -4,16 +4,15 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use serde_json::Value;
 
 use crate::codec::{Codec, CodecError, RecordError};
 use crate::config::KafkaSettings;
 use crate::envelope::Envelope;
-use crate::kafka::client::{create_client, require_topics, wait_for_broker};
-use crate::kafka::delivery::BoundedSender;
-use crate::kafka::{ClientKind, KafkaError};
+use crate::kafka::client::{require_topics, wait_for_broker};
+use crate::kafka::delivery::{owned_headers, BoundedSender, CountedProducer};
+use crate::kafka::KafkaError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
@@ -101,20 +100,10 @@ pub fn key_from(value: &Value, pointer: &str) -> Option<String> {
     }
 }
 
-pub fn owned_headers(headers: &[(&'static str, String)]) -> OwnedHeaders {
-    headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        })
-    })
-}
-
 /// Sends every line and waits for Kafka to acknowledge all of them; returns the count.
 pub async fn run(settings: &KafkaSettings, options: ProduceOptions) -> Result<u64, ProduceError> {
     let context = crate::kafka::PipelineContext::default();
-    let producer: FutureProducer<crate::kafka::PipelineContext> =
-        create_client(settings, ClientKind::Producer, context.clone())?;
+    let producer = CountedProducer::create(settings, context.clone())?;
     let metadata = wait_for_broker(producer.client(), &context, settings)?;
     require_topics(&metadata, &[options.topic.as_str()], settings)?;
 
@@ -162,7 +151,7 @@ pub async fn run(settings: &KafkaSettings, options: ProduceOptions) -> Result<u6
                 Err(CodecError::Unavailable(reason)) => return Err(ProduceError::Registry(reason)),
             };
         }
-        let mut record = FutureRecord::<[u8], [u8]>::to(&options.topic)
+        let mut record = BaseRecord::<[u8], [u8]>::to(&options.topic)
             .payload(prepared.value.as_slice())
             .headers(owned_headers(&prepared.headers));
         if let Some(key) = &prepared.key {

@@ -15,8 +15,7 @@ pub mod window;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::kafka::client::create_client;
-use crate::kafka::{ClientKind, PipelineContext};
+use crate::kafka::PipelineContext;
 use crate::telemetry::Readiness;
 pub use settings::{AggregateArgs, AggregateSettings, FileAggregate, StorageType};
 
@@ -34,9 +33,8 @@ pub async fn run(
     let sink = match aggregate.storage_type {
         StorageType::Kafka => sink::Sink::Kafka {
             codec: crate::codec::Codec::new(formats, registry, crate::codec::SchemaName::Aggregate),
-            producer: create_client(
+            producer: crate::kafka::delivery::CountedProducer::create(
                 &settings.kafka,
-                ClientKind::Producer,
                 PipelineContext::default(),
             )?,
             topic: aggregate.output_topic,

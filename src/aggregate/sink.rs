@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::BaseRecord;
 use serde_json::json;
 
 use super::window::Emission;
 use crate::codec::{Codec, CodecError};
-use crate::kafka::delivery::BoundedSender;
-use crate::kafka::{KafkaError, PipelineContext};
+use crate::kafka::delivery::{BoundedSender, CountedProducer};
+use crate::kafka::KafkaError;
 
 /// Rows per INSERT: large enough to amortize the round trip, small enough for one statement.
 const POSTGRES_BATCH_ROWS: usize = 5000;
@@ -34,7 +34,7 @@ pub enum SinkError {
 /// The configured output.
 pub enum Sink {
     Kafka {
-        producer: FutureProducer<PipelineContext>,
+        producer: CountedProducer,
         topic: String,
         /// JSON or Avro (schemas/aggregate.avsc), per the topic's format.
         codec: Codec,
@@ -108,7 +108,7 @@ impl Sink {
                     let value = codec.encode(topic, json).await?;
                     sender
                         .send(
-                            FutureRecord::to(topic)
+                            BaseRecord::to(topic)
                                 .key(emission.name.as_bytes())
                                 .payload(value.as_slice()),
                         )

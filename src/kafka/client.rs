@@ -81,13 +81,14 @@ pub fn client_config(settings: &KafkaSettings, kind: ClientKind) -> ClientConfig
 
 /// Creates any librdkafka client with the logging context, mapping config errors to one line.
 /// Keep a clone of `context` to ask it about connection state later.
-pub fn create_client<C>(
+pub fn create_client<C, X>(
     settings: &KafkaSettings,
     kind: ClientKind,
-    context: PipelineContext,
+    context: X,
 ) -> Result<C, KafkaError>
 where
-    C: FromClientConfigAndContext<PipelineContext>,
+    X: ClientContext,
+    C: FromClientConfigAndContext<X>,
 {
     client_config(settings, kind)
         .create_with_context(context)

@@ -13,26 +13,23 @@
 //! stops after one chunk; an event two overlapping filters both select comes twice, adjacent,
 //! and is dropped here. Every user value is a bound parameter: no user text reaches the SQL.
 //!
-//! `--last N` first finds where the last N start, with the same branches read backwards
-//! (`ORDER BY seq DESC LIMIT N`), then streams ascending from there. On 300,000 rows (lk 2% of
+//! `--last N` reads the same branches backwards (`ORDER BY seq DESC LIMIT N`): when N fits in
+//! one chunk, that one query returns the rows themselves (`DISTINCT ON (seq)`, a Unique over the
+//! merged scans), reversed here — one round trip; a larger N first finds where the last N start
+//! (`min(seq)` of the same), then streams ascending from there. On 300,000 rows (lk 2% of
 //! them, each type 5%), "the last 10 of `lk:create_user,lk:update_user`" plans as
 //! (tests/history.rs checks it; per day partition, the empty ones ahead elided):
 //!
 //! ```text
-//! Aggregate                                          -- min(seq)
-//!   Limit (10)
-//!     Unique                                         -- an event both branches found, once
-//!       Merge Append (Sort Key: seq DESC)
-//!         Limit (10)
-//!           Merge Append (Sort Key: seq DESC)        -- over the day partitions
-//!             Index Scan Backward using events_p…_action_seq_idx
-//!               Index Cond: action = 'create_user'   Filter: service = 'lk'
-//!         Limit (10)
-//!           … the same for update_user
-//! Limit (10)                                         -- then the chunk, ascending
-//!   Merge Append (Sort Key: seq)
-//!     Limit → Sort (~7 rows) → Index Scan using events_p…_seq_idx  Index Cond: seq > start - 1
-//!     …
+//! Limit (10)
+//!   Unique                                           -- an event both branches found, once
+//!     Merge Append (Sort Key: seq DESC)
+//!       Limit (10)
+//!         Merge Append (Sort Key: seq DESC)          -- over the day partitions
+//!           Index Scan Backward using events_p…_action_seq_idx
+//!             Index Cond: action = 'create_user'     Filter: service = 'lk'
+//!       Limit (10)
+//!         … the same for update_user
 //! ```
 //!
 //! No Sort of the selected rows (only of the few after a cursor the planner knows, when it
@@ -291,6 +288,9 @@ struct Statements {
     chunk: String,
     /// The smallest `seq` of the last `$2` rows after `$1`.
     last_start: String,
+    /// The last `$2` rows after `$1` themselves, descending (each once): a last N that fits
+    /// in one chunk is one round trip.
+    last_rows: String,
     binds: Vec<Bind>,
 }
 
@@ -333,13 +333,14 @@ impl Statements {
                 })
                 .collect()
         };
-        let (chunk, last_start) = match branches.as_slice() {
+        let (chunk, last_start, last_rows) = match branches.as_slice() {
             [only] => (
                 format!("SELECT {COLUMNS} FROM events WHERE {only} ORDER BY seq LIMIT $2"),
                 format!(
                     "SELECT min(seq) FROM (SELECT seq FROM events WHERE {only} \
                      ORDER BY seq DESC LIMIT $2) AS last"
                 ),
+                format!("SELECT {COLUMNS} FROM events WHERE {only} ORDER BY seq DESC LIMIT $2"),
             ),
             several => {
                 let union = |columns: &str, order: &str| {
@@ -364,12 +365,19 @@ impl Statements {
                          ORDER BY seq DESC LIMIT $2) AS last",
                         union("seq", " DESC")
                     ),
+                    // DISTINCT ON over the merged descending branches: a Unique node, no sort.
+                    format!(
+                        "SELECT DISTINCT ON (seq) * FROM ({}) AS candidates \
+                         ORDER BY seq DESC LIMIT $2",
+                        union(COLUMNS, " DESC")
+                    ),
                 )
             }
         };
         Statements {
             chunk,
             last_start,
+            last_rows,
             binds,
         }
     }
@@ -427,6 +435,8 @@ pub struct History {
     remaining: Option<u64>,
     chunk_size: u64,
     done: bool,
+    /// A last N read whole at open, handed out by the first `next_chunk`.
+    read_ahead: Option<Vec<StoredEvent>>,
 }
 
 impl History {
@@ -440,6 +450,29 @@ impl History {
         let mut cursor = selection.after_seq.unwrap_or(i64::MIN);
         let mut remaining = selection.limit;
         let mut done = remaining == Some(0);
+        let chunk_size = chunk_size.max(1);
+        if let Some(last) = selection.last.filter(|&last| last <= chunk_size && !done) {
+            // The whole last N in one query, descending; handed out ascending, limit applied.
+            let rows = statements
+                .bound(&statements.last_rows, cursor, last)
+                .fetch_all(&pool)
+                .await?;
+            let mut events = rows
+                .iter()
+                .rev()
+                .map(StoredEvent::from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            events.truncate(usize::try_from(remaining.unwrap_or(last)).unwrap_or(usize::MAX));
+            return Ok(History {
+                pool,
+                statements,
+                cursor: events.last().map_or(cursor, |event| event.seq),
+                remaining: Some(0),
+                chunk_size,
+                done: true,
+                read_ahead: Some(events).filter(|events| !events.is_empty()),
+            });
+        }
         if let Some(last) = selection.last {
             remaining = Some(remaining.map_or(last, |limit| limit.min(last)));
             let start: Option<i64> = statements
@@ -458,13 +491,17 @@ impl History {
             statements,
             cursor,
             remaining,
-            chunk_size: chunk_size.max(1),
+            chunk_size,
             done,
+            read_ahead: None,
         })
     }
 
     /// The next events in ascending `seq` (each once), or `None` when the selection is read.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<StoredEvent>>, HistoryError> {
+        if let Some(events) = self.read_ahead.take() {
+            return Ok(Some(events));
+        }
         while !self.done {
             let wanted = self
                 .remaining
@@ -497,15 +534,21 @@ impl History {
         Ok(None)
     }
 
-    /// The plans PostgreSQL chooses for this selection's statements (`EXPLAIN`, text), the
-    /// last-N start first when the selection has one: to check which indexes serve it.
+    /// The plans PostgreSQL chooses for this selection's statements (`EXPLAIN`, text): the last
+    /// N's one query, or its start then the chunk: to check which indexes serve it.
     pub async fn explain(&self, selection: &Selection) -> Result<String, HistoryError> {
         let mut plans = String::new();
-        let mut statements = vec![(&self.statements.chunk, self.cursor, self.chunk_size)];
-        if let Some(last) = selection.last {
-            let cursor = selection.after_seq.unwrap_or(i64::MIN);
-            statements.insert(0, (&self.statements.last_start, cursor, last));
-        }
+        let cursor = selection.after_seq.unwrap_or(i64::MIN);
+        let statements = match selection.last {
+            Some(last) if last <= self.chunk_size => {
+                vec![(&self.statements.last_rows, cursor, last)]
+            }
+            Some(last) => vec![
+                (&self.statements.last_start, cursor, last),
+                (&self.statements.chunk, cursor, self.chunk_size),
+            ],
+            None => vec![(&self.statements.chunk, self.cursor, self.chunk_size)],
+        };
         for (sql, cursor, limit) in statements {
             let explain = format!("EXPLAIN {sql}");
             let rows = self

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -25,9 +24,9 @@ use super::row::{
 };
 use crate::config::{KafkaSettings, Settings};
 use crate::generate::{Pacer, PACER_TICK};
-use crate::kafka::client::{create_client, require_topics, wait_for_broker};
-use crate::kafka::delivery::BoundedSender;
-use crate::kafka::{ClientKind, KafkaError, PipelineContext};
+use crate::kafka::client::{require_topics, wait_for_broker};
+use crate::kafka::delivery::{owned_headers, BoundedSender, CountedProducer};
+use crate::kafka::{KafkaError, PipelineContext};
 
 /// Records awaiting their delivery report at most.
 const MAX_IN_FLIGHT: usize = 10_000;
@@ -121,18 +120,6 @@ pub fn replay_headers(
     Ok(headers)
 }
 
-fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    headers.iter().fold(
-        OwnedHeaders::new_with_capacity(headers.len()),
-        |owned, (key, value)| {
-            owned.insert(Header {
-                key,
-                value: Some(value),
-            })
-        },
-    )
-}
-
 /// Re-publishes `selection` as `replay_id`; `progress` is told each chunk's count once sent.
 pub async fn run(
     kafka: &KafkaSettings,
@@ -145,8 +132,7 @@ pub async fn run(
 ) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let context = PipelineContext::default();
-    let producer: FutureProducer<PipelineContext> =
-        create_client(kafka, ClientKind::Producer, context.clone())?;
+    let producer = CountedProducer::create(kafka, context.clone())?;
     let metadata = wait_for_broker(producer.client(), &context, kafka)?;
     let mut known_topics: HashSet<String> = HashSet::new();
     if let Some(topic) = &options.to_topic {
@@ -190,7 +176,7 @@ pub async fn run(
                 known_topics.insert(topic.to_string());
             }
             let headers = owned_headers(&replay_headers(event, replay_id)?);
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            let mut record = BaseRecord::<[u8], [u8]>::to(topic)
                 .payload(event.value_bytes())
                 .headers(headers);
             if let Some(key) = &event.key {

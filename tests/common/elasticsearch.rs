@@ -5,11 +5,9 @@
 use std::time::{Duration, Instant};
 
 use eventpipe::config::Settings;
-use eventpipe::kafka::client::create_client;
-use eventpipe::kafka::delivery::BoundedSender;
-use eventpipe::kafka::{ClientKind, PipelineContext};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use eventpipe::kafka::delivery::{owned_headers, BoundedSender, CountedProducer};
+use eventpipe::kafka::PipelineContext;
+use rdkafka::producer::BaseRecord;
 use serde_json::{json, Value};
 
 /// One record to produce: key, value and headers.
@@ -21,28 +19,15 @@ pub struct TestRecord {
 
 /// Produces records with their headers and waits for every delivery report.
 pub async fn produce_records(settings: &Settings, topic: &str, records: &[TestRecord]) {
-    let producer: FutureProducer<PipelineContext> = create_client(
-        &settings.kafka,
-        ClientKind::Producer,
-        PipelineContext::default(),
-    )
-    .unwrap();
+    let producer = CountedProducer::create(&settings.kafka, PipelineContext::default()).unwrap();
     let mut sender = BoundedSender::new(&producer, 10_000);
     for record in records {
-        let headers = record
-            .headers
-            .iter()
-            .fold(OwnedHeaders::new(), |h, (k, v)| {
-                h.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                })
-            });
+        let headers = owned_headers(&record.headers);
         let key: &[u8] = record.key.as_bytes();
         let value: &[u8] = &record.value;
         sender
             .send(
-                FutureRecord::to(topic)
+                BaseRecord::to(topic)
                     .key(key)
                     .payload(value)
                     .headers(headers),
