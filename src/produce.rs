@@ -5,6 +5,8 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use rdkafka::producer::BaseRecord;
+use serde::Deserializer as _;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::codec::{Codec, CodecError, RecordError};
@@ -97,6 +99,86 @@ pub fn key_from(value: &Value, pointer: &str) -> Option<String> {
         Value::Null => None,
         other @ (Value::Number(_) | Value::Bool(_)) => Some(other.to_string()),
         _ => None,
+    }
+}
+
+/// [`key_from`] of the JSON text `json`, without building its tree: each level is scanned for
+/// the pointer's next segment only (the rest is skipped unparsed), and just the leaf is read.
+pub fn key_in_json(json: &str, pointer: &str) -> Option<String> {
+    let mut current: &RawValue = serde_json::from_str(json).ok()?;
+    if !pointer.is_empty() {
+        for segment in pointer.strip_prefix('/')?.split('/') {
+            let segment = segment.replace("~1", "/").replace("~0", "~");
+            let mut deserializer = serde_json::Deserializer::from_str(current.get());
+            current = deserializer
+                .deserialize_any(Child { segment: &segment })
+                .ok()??;
+        }
+    }
+    let leaf: Value = serde_json::from_str(current.get()).ok()?;
+    key_from(&leaf, "")
+}
+
+/// Finds one member of an object (the last of that name, as a tree would keep) or one element
+/// of an array, as raw JSON.
+struct Child<'s> {
+    segment: &'s str,
+}
+
+impl<'de> serde::de::Visitor<'de> for Child<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object or an array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if name == self.segment {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // As JSON Pointer reads an index: digits only, no leading zero.
+        let wanted: Option<usize> = (self.segment == "0"
+            || !self.segment.starts_with('0') && self.segment.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| self.segment.parse().ok())
+        .flatten();
+        let mut found = None;
+        let mut index = 0;
+        while let Some(element) = seq.next_element::<&'de RawValue>()? {
+            if Some(index) == wanted {
+                found = Some(element);
+            }
+            index += 1;
+        }
+        Ok(found)
+    }
+
+    // A scalar has no children.
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -195,5 +277,38 @@ mod tests {
         assert_eq!(raw.value, b"not json at all");
         assert!(raw.key.is_none());
         assert!(prepare_line("   ", "/k", false).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_key_read_without_the_tree_is_the_key_the_tree_gives() {
+        let json = r#"{"a": {"id": 42, "name": "x\"y", "list": [1, {"k": true}], "n": null,
+            "f": 1e3, "a/b": "slash", "t~": "tilde", "nested": {"deep": [7]}}, "id": "top", "id": "last"}"#;
+        let tree: Value = serde_json::from_str(json).unwrap();
+        for pointer in [
+            "",
+            "/id",
+            "/a/id",
+            "/a/name",
+            "/a/list/0",
+            "/a/list/1/k",
+            "/a/list/01",
+            "/a/list/2",
+            "/a/n",
+            "/a/f",
+            "/a/a~1b",
+            "/a/t~0",
+            "/a/nested",
+            "/a/nested/deep/0",
+            "/missing",
+            "/a/id/x",
+            "no-slash",
+        ] {
+            assert_eq!(
+                key_in_json(json, pointer),
+                key_from(&tree, pointer),
+                "{pointer}"
+            );
+        }
+        assert_eq!(key_in_json("not json", "/id"), None);
     }
 }

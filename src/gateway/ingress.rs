@@ -6,6 +6,7 @@
 //! and the lines' common status when none did; a full in-flight budget is 429, Kafka not
 //! acknowledging in time 503 with `Retry-After`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,24 +17,23 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::codec::{Codec, CodecError};
+use crate::codec::{Codec, CodecError, Format};
 use crate::envelope::{Envelope, EnvelopeRef, DEFAULT_MAX_ENVELOPE_BYTES};
 use crate::gateway::http::ApiError;
 use crate::gateway::Gateway;
-use crate::kafka::PipelineContext;
-use crate::produce::key_from;
+use crate::kafka::acks::AckingProducer;
+use crate::produce::{key_from, key_in_json};
 
 /// Seconds a client is told to wait when Kafka is not acknowledging or the budget is full.
 const RETRY_AFTER_SECS: u64 = 2;
 
 /// The producing half of the gateway.
 pub struct Ingress {
-    pub producer: FutureProducer<PipelineContext>,
+    pub producer: AckingProducer,
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub codec: Codec,
@@ -71,12 +71,12 @@ struct SingleAnswer<'a> {
     offset: i64,
 }
 
-/// A line ready to produce.
-struct Prepared {
-    value: Vec<u8>,
+/// A line ready to produce: borrowed from the request's body unless it had to be rewritten.
+struct Prepared<'a> {
+    value: Cow<'a, [u8]>,
     key: Option<String>,
-    service: String,
-    action: String,
+    service: Cow<'a, str>,
+    action: Cow<'a, str>,
 }
 
 pub async fn post_events(
@@ -143,15 +143,20 @@ async fn accept(
         }
     }
     // Avro topics: encoded through the codec (a value that does not fit is the line's fault).
+    let avro = ingress.codec.settings().output_format(topic) != Format::Json;
     let mut encoded: Vec<(usize, Prepared)> = Vec::with_capacity(ready.len());
     for (index, mut prepared) in ready {
+        if !avro {
+            encoded.push((index, prepared));
+            continue;
+        }
         match ingress
             .codec
-            .encode(topic, std::mem::take(&mut prepared.value))
+            .encode(topic, prepared.value.into_owned())
             .await
         {
             Ok(value) => {
-                prepared.value = value;
+                prepared.value = Cow::Owned(value);
                 encoded.push((index, prepared));
             }
             Err(CodecError::Record(error)) => results.push(rejected(
@@ -191,8 +196,9 @@ async fn accept(
                 )
             });
         };
-        let sends = encoded.iter().map(|(index, prepared)| {
-            let record_headers = OwnedHeaders::new()
+        let mut batch = ingress.producer.batch(encoded.len());
+        for (_, prepared) in &encoded {
+            let record_headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
                     key: "service",
                     value: Some(prepared.service.as_bytes()),
@@ -201,29 +207,27 @@ async fn accept(
                     key: "action",
                     value: Some(prepared.action.as_bytes()),
                 });
-            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
-                .payload(prepared.value.as_slice())
-                .headers(record_headers);
-            if let Some(key) = &prepared.key {
-                record = record.key(key.as_str());
-            }
-            let index = *index;
-            async move {
-                let outcome = ingress.producer.send(record, ingress.produce_timeout).await;
-                (index, outcome)
-            }
-        });
-        for (index, outcome) in futures::future::join_all(sends).await {
-            results.push(match outcome {
-                Ok(delivery) => LineResult {
+            batch
+                .send(
+                    topic,
+                    prepared.key.as_deref().map(str::as_bytes),
+                    &prepared.value,
+                    record_headers,
+                    ingress.produce_timeout,
+                )
+                .await;
+        }
+        for ((index, _), ack) in encoded.iter().zip(batch.acks().await) {
+            results.push(match ack {
+                Ok((partition, offset)) => LineResult {
                     line: index + 1,
                     status: 200,
-                    partition: Some(delivery.partition),
-                    offset: Some(delivery.offset),
+                    partition: Some(partition),
+                    offset: Some(offset),
                     error: None,
                     message: None,
                 },
-                Err((error, _)) => rejected(index + 1, &kafka_error(&error)),
+                Err(error) => rejected(index + 1, &kafka_error(&error)),
             });
         }
         let accepted = results.iter().filter(|r| r.status == 200).count();
@@ -300,12 +304,12 @@ fn rejected(line: usize, error: &ApiError) -> LineResult {
 }
 
 /// Validates one envelope and stamps it with the caller's service.
-fn prepare(
+fn prepare<'a>(
     ingress: &Ingress,
-    line: &str,
+    line: &'a str,
     sender: Option<&str>,
     key: Option<&str>,
-) -> Result<Prepared, ApiError> {
+) -> Result<Prepared<'a>, ApiError> {
     if line.len() > DEFAULT_MAX_ENVELOPE_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -332,10 +336,10 @@ fn prepare(
             None => key_of(&envelope, line, &ingress.key_field),
         };
         return Ok(Prepared {
-            value: line.as_bytes().to_vec(),
+            value: Cow::Borrowed(line.as_bytes()),
             key,
-            service: envelope.service.into_owned(),
-            action: envelope.action.into_owned(),
+            service: envelope.service,
+            action: envelope.action,
         });
     }
     // Anything else: a tree, to stamp a missing sender or to say precisely what is wrong.
@@ -369,10 +373,10 @@ fn prepare(
         None => key_from(&value, &ingress.key_field),
     };
     Ok(Prepared {
-        value: serde_json::to_vec(&value).unwrap_or_default(),
+        value: Cow::Owned(serde_json::to_vec(&value).unwrap_or_default()),
         key,
-        service: envelope.service,
-        action: envelope.action,
+        service: Cow::Owned(envelope.service),
+        action: Cow::Owned(envelope.action),
     })
 }
 
@@ -384,12 +388,10 @@ fn key_of(envelope: &EnvelopeRef<'_>, line: &str, pointer: &str) -> Option<Strin
     }
     if let Some(inside) = pointer.strip_prefix("/payload/data") {
         if inside.is_empty() || inside.starts_with('/') {
-            let data: Value = serde_json::from_str(envelope.payload.data?.get()).ok()?;
-            return key_from(&data, inside);
+            return key_in_json(envelope.payload.data?.get(), inside);
         }
     }
-    let value: Value = serde_json::from_str(line).ok()?;
-    key_from(&value, pointer)
+    key_in_json(line, pointer)
 }
 
 fn kafka_error(error: &RdKafkaError) -> ApiError {

@@ -41,8 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, SchemaName};
 use crate::config::{redact_url, Settings};
-use crate::kafka::client::create_client;
-use crate::kafka::{ClientKind, PipelineContext};
+use crate::kafka::PipelineContext;
 use crate::log::bulk::Backoff;
 use crate::telemetry::Readiness;
 use auth::{Authenticator, Principal};
@@ -155,11 +154,8 @@ pub async fn start(
         .properties
         .entry("message.timeout.ms".into())
         .or_insert_with(|| gateway_settings.produce_timeout.as_millis().to_string());
-    let producer = create_client(
-        &producer_settings,
-        ClientKind::Producer,
-        PipelineContext::default(),
-    )?;
+    let producer =
+        crate::kafka::acks::AckingProducer::create(&producer_settings, PipelineContext::default())?;
     // The gateway writes the topics others read: each topic's input format is what it holds.
     let mut ingress_formats = (*formats).clone();
     ingress_formats.output = ingress_formats.input;

@@ -2,6 +2,7 @@
 //! context (`client`), broker reachability checks, and delivery (`delivery`). Admin operations
 //! on topics are `topics::admin`'s.
 
+pub mod acks;
 pub mod client;
 pub mod delivery;
 
