@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -50,14 +49,7 @@ pub struct AckContext {
     log: PipelineContext,
 }
 
-impl ClientContext for AckContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-}
+crate::kafka::client::logs_through_pipeline_context!(AckContext);
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = Box<Slot>;

@@ -166,6 +166,22 @@ impl ClientContext for PipelineContext {
     }
 }
 
+/// `ClientContext` for a producer context that logs as its `log: PipelineContext` field does
+/// (the contexts that also count or route delivery reports).
+macro_rules! logs_through_pipeline_context {
+    ($context:ty) => {
+        impl rdkafka::client::ClientContext for $context {
+            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+                rdkafka::client::ClientContext::log(&self.log, level, facility, message);
+            }
+            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+                rdkafka::client::ClientContext::error(&self.log, error, reason);
+            }
+        }
+    };
+}
+pub(crate) use logs_through_pipeline_context;
+
 impl ProducerContext for PipelineContext {
     type DeliveryOpaque = ();
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::client::{Client, ClientContext};
+use rdkafka::client::Client;
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -64,14 +64,7 @@ pub struct CountingContext {
     counts: Arc<DeliveryCounts>,
 }
 
-impl ClientContext for CountingContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-}
+crate::kafka::client::logs_through_pipeline_context!(CountingContext);
 
 impl ProducerContext for CountingContext {
     type DeliveryOpaque = ();

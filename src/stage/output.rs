@@ -120,14 +120,7 @@ pub(crate) struct DeliveryContext {
     pub deliveries: Arc<Deliveries>,
 }
 
-impl rdkafka::ClientContext for DeliveryContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
-        self.log.log(level, facility, message);
-    }
-    fn error(&self, error: RdKafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
-}
+crate::kafka::client::logs_through_pipeline_context!(DeliveryContext);
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<Delivery>;
