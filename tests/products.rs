@@ -331,3 +331,125 @@ async fn stale_changes_are_skipped_and_bad_ones_dead_lettered_with_a_reason() {
         assert_eq!(seen, Some(count), "{kind}: {metrics}");
     }
 }
+
+/// A GET with the admin credential and `if_none_match`, if any: status, headers, body.
+async fn get(
+    gateway: &common::gateway::GatewayProcess,
+    path: &str,
+    token: &str,
+    if_none_match: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut request = reqwest::Client::new().get(gateway.url(path));
+    if !token.is_empty() {
+        request = request.bearer_auth(token);
+    }
+    if let Some(etag) = if_none_match {
+        request = request.header("if-none-match", etag);
+    }
+    let response = request.send().await.expect("the gateway answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or_default()
+}
+
+async fn photo_counter(gateway: &common::gateway::GatewayProcess, outcome: &str) -> f64 {
+    let metrics = gateway.process.metrics().await;
+    common::metric_value(
+        &metrics,
+        "eventpipe_gateway_photo_cache_total",
+        &[&format!("outcome=\"{outcome}\"")],
+    )
+    .unwrap_or(0.0)
+}
+
+/// A catalogue of `products` (one change sent) and a gateway reading it with Redis at `redis`.
+async fn gateway_on_catalogue(
+    f: &Fixture,
+    products: u64,
+    redis: Option<&str>,
+) -> common::gateway::GatewayProcess {
+    f.generate(products, 1, 5);
+    let prefix = format!("{}:", common::unique("photo"));
+    let mut extra = vec!["--photo-cache-prefix", &prefix];
+    if let Some(redis) = redis {
+        extra.extend(["--redis-url", redis]);
+    }
+    common::gateway::GatewayProcess::start(std::slice::from_ref(&f.topic), &f.url, &extra).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn products_and_photos_are_served_and_the_second_photo_request_hits_the_cache() {
+    use common::gateway::ADMIN;
+    let f = fixture(1).await;
+    let gateway = gateway_on_catalogue(&f, 3, None).await;
+
+    let rows = f.rows().await;
+    let (status, headers, body) = get(&gateway, "/v1/products/2", ADMIN, None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let product: Value = serde_json::from_slice(&body).unwrap();
+    let (version, state) = &rows["2"];
+    assert_eq!(product["version"], json!(version));
+    assert_eq!(product["price_cents"], state["price_cents"]);
+    assert_eq!(product["stock"], state["stock"]);
+    assert_eq!(product["name"], state["name"]);
+    assert_eq!(product["photo"], json!("/v1/products/2/photo"));
+    let etag = header(&headers, "etag").to_string();
+    assert_eq!(etag, format!("\"v{version}\""));
+    assert_eq!(
+        get(&gateway, "/v1/products/2", ADMIN, Some(&etag)).await.0,
+        304
+    );
+    assert_eq!(get(&gateway, "/v1/products/99", ADMIN, None).await.0, 404);
+    assert_eq!(get(&gateway, "/v1/products/2", "", None).await.0, 401);
+
+    let (stored_etag, stored): (String, Vec<u8>) =
+        sqlx::query_as("SELECT etag, bytes FROM product_photos WHERE product_id = '2'")
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
+    for (attempt, source) in [(1, "postgres"), (2, "redis")] {
+        let (status, headers, body) = get(&gateway, "/v1/products/2/photo", ADMIN, None).await;
+        assert_eq!(status, 200, "attempt {attempt}");
+        assert_eq!(body, stored, "attempt {attempt}");
+        assert_eq!(header(&headers, "content-type"), "image/svg+xml");
+        assert_eq!(header(&headers, "etag"), stored_etag);
+        assert!(header(&headers, "cache-control").contains("max-age="));
+        assert_eq!(
+            header(&headers, "x-photo-source"),
+            source,
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(photo_counter(&gateway, "miss").await, 1.0);
+    assert_eq!(photo_counter(&gateway, "hit").await, 1.0);
+    assert_eq!(photo_counter(&gateway, "error").await, 0.0);
+    let (status, _, body) = get(&gateway, "/v1/products/2/photo", ADMIN, Some(&stored_etag)).await;
+    assert_eq!((status, body.len()), (304, 0));
+    assert_eq!(
+        get(&gateway, "/v1/products/99/photo", ADMIN, None).await.0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_photos_come_from_postgres_and_a_counter_says_so() {
+    use common::gateway::ADMIN;
+    let f = fixture(1).await;
+    // Nothing listens on port 1: Redis is down for this gateway.
+    let gateway = gateway_on_catalogue(&f, 2, Some("redis://127.0.0.1:1")).await;
+    for _ in 0..2 {
+        let (status, headers, body) = get(&gateway, "/v1/products/1/photo", ADMIN, None).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with(b"<svg"));
+        assert_eq!(header(&headers, "x-photo-source"), "postgres");
+    }
+    assert_eq!(photo_counter(&gateway, "error").await, 2.0);
+    assert_eq!(photo_counter(&gateway, "hit").await, 0.0);
+}
