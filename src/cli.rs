@@ -17,6 +17,7 @@ use crate::dispatch::{DispatchArgs, DispatchSettings};
 use crate::gateway::{FileGateway, GatewayArgs, GatewaySettings};
 use crate::generate::{self, GenerateOptions, TrafficKind};
 use crate::log::{FileLog, LogArgs, LogSettings};
+use crate::materialise::{FileMaterialise, MaterialiseArgs, MaterialiseSettings};
 use crate::produce::{self, ProduceOptions};
 use crate::settings::ConfigError;
 use crate::store::history::SelectionArgs;
@@ -80,6 +81,16 @@ pub enum Command {
         #[command(flatten)]
         metrics: MetricsArgs,
     },
+    /// Keep a topic's latest state per key in a PostgreSQL table, moved only by newer versions
+    /// (default: product_changes into products).
+    Materialise {
+        #[command(flatten)]
+        args: MaterialiseArgs,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
     /// The one authenticated entry point: events in over HTTP, subscriptions out over SSE and
     /// WebSocket (live, resumable by cursor), history over HTTP, the admin API.
     Gateway {
@@ -129,8 +140,12 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
-    /// Produce synthetic traffic at a given rate and count.
+    /// Produce synthetic traffic at a given rate and count (`generate products`: the catalogue's
+    /// price and stock changes).
+    #[command(args_conflicts_with_subcommands = true)]
     Generate {
+        #[command(subcommand)]
+        command: Option<GenerateCommand>,
         #[arg(long, value_enum, default_value = "envelopes")]
         kind: TrafficKind,
         #[arg(long, default_value_t = 1000)]
@@ -193,6 +208,37 @@ pub enum Command {
     Flows {
         #[command(subcommand)]
         command: crate::flows::cli::FlowsCommand,
+        #[command(flatten)]
+        postgres: PostgresArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Create the seeded product catalogue in PostgreSQL if missing (names, prices, stock, a
+    /// photo each), then publish price and stock changes keyed by product id, each with a newer
+    /// version, on a timer.
+    Products {
+        /// How many products the catalogue holds (ids 1..=N).
+        #[arg(long, default_value_t = 100)]
+        products: u64,
+        /// Changes to send; 0 = until stopped.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Changes per second; 0 = as fast as Kafka acknowledges.
+        #[arg(long, default_value_t = 10)]
+        rate: u64,
+        /// How often a burst of changes goes out: `250ms`, `1s` (the rate is the mean).
+        #[arg(long, default_value = "100ms")]
+        interval: String,
+        /// The same seed gives the same catalogue and the same changes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = crate::catalogue::CHANGES_TOPIC)]
+        topic: String,
+        /// The products' table (the one `eventpipe materialise --table` keeps).
+        #[arg(long, default_value = "products")]
+        table: String,
         #[command(flatten)]
         postgres: PostgresArgs,
     },
@@ -295,6 +341,9 @@ impl Command {
                 metrics,
                 ..
             }
+            | Command::Materialise {
+                postgres, metrics, ..
+            }
             | Command::Gateway {
                 postgres, metrics, ..
             } => (None, Some(postgres), Some(metrics)),
@@ -306,7 +355,11 @@ impl Command {
             | Command::Replay { postgres, .. }
             | Command::Users { postgres, .. }
             | Command::Keys { postgres, .. }
-            | Command::Flows { postgres, .. } => (None, Some(postgres), None),
+            | Command::Flows { postgres, .. }
+            | Command::Generate {
+                command: Some(GenerateCommand::Products { postgres, .. }),
+                ..
+            } => (None, Some(postgres), None),
             Command::Check {
                 elasticsearch,
                 postgres,
@@ -353,6 +406,7 @@ fn check_stage_tables(settings: Settings) -> Result<Settings, ConfigError> {
     settings.file.table::<FileLog>()?;
     settings.file.table::<FileAggregate>()?;
     settings.file.table::<FileStore>()?;
+    settings.file.table::<FileMaterialise>()?;
     settings.file.table::<FileGateway>()?;
     Ok(settings)
 }
@@ -472,6 +526,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let (readiness, shutdown) = start_stage(&settings).await?;
             crate::store::run(&settings, store, readiness, shutdown).await
         }
+        Command::Materialise { args, .. } => {
+            let materialise = MaterialiseSettings::load(&args, &settings)?;
+            let (readiness, shutdown) = start_stage(&settings).await?;
+            crate::materialise::run(&settings, materialise, readiness, shutdown).await
+        }
         Command::Gateway { args, .. } => {
             let gateway = GatewaySettings::load(&args, &settings)?;
             let (readiness, shutdown) = start_stage(&settings).await?;
@@ -515,6 +574,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate {
+            command: Some(command),
+            ..
+        } => generate_products(command, &settings).await,
+        Command::Generate {
+            command: None,
             kind,
             count,
             rate,
@@ -522,6 +586,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             seed,
             users,
             series,
+            ..
         } => {
             let shutdown = shutdown::install_signal_handlers();
             let started = Instant::now();
@@ -583,6 +648,53 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             crate::gateway::auth::cli::run_keys(command, &settings).await
         }
     }
+}
+
+/// `eventpipe generate products`: the catalogue created if missing, then its changes.
+async fn generate_products(command: GenerateCommand, settings: &Settings) -> anyhow::Result<()> {
+    let GenerateCommand::Products {
+        products,
+        count,
+        rate,
+        interval,
+        seed,
+        topic,
+        table,
+        ..
+    } = command;
+    let invalid = |flag: &str, value: &str, reason: String| ConfigError::Invalid {
+        setting: flag.into(),
+        value: value.into(),
+        reason,
+    };
+    if products == 0 {
+        return Err(invalid("--products", "0", "must be 1 or more".into()).into());
+    }
+    if !crate::settings::valid_topic_name(&topic) {
+        return Err(invalid("--topic", &topic, "not a valid topic name".into()).into());
+    }
+    let options = crate::catalogue::GenerateProducts {
+        products,
+        count: (count > 0).then_some(count),
+        rate,
+        interval: crate::catalogue::parse_interval(&interval)
+            .map_err(|reason| invalid("--interval", &interval, reason))?,
+        seed,
+        topic,
+        table: crate::materialise::table::TableName::parse(&table)
+            .map_err(|reason| invalid("--table", &table, reason))?,
+    };
+    let shutdown = shutdown::install_signal_handlers();
+    let started = Instant::now();
+    let generated = crate::catalogue::generate(settings, &options, shutdown).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "catalogue of {products} products ({} created now); generated {} changes in {seconds:.2}s ({:.0}/s)",
+        generated.created,
+        generated.changes,
+        generated.changes as f64 / seconds.max(1e-9)
+    );
+    Ok(())
 }
 
 /// `eventpipe store verify`: one line per topic-partition, a summary, exit 1 on any gap.

@@ -154,19 +154,27 @@ impl Generator {
     }
 }
 
-/// Spreads `rate` records per second over 10 ms ticks, carrying fractions so the mean is exact.
+/// Spreads `rate` records per second over ticks (10 ms by default), carrying fractions so the
+/// mean is exact.
 pub struct Pacer {
     per_tick: f64,
     carry: f64,
+    tick: Duration,
 }
 
 pub const PACER_TICK: Duration = Duration::from_millis(10);
 
 impl Pacer {
     pub fn new(rate_per_second: u64) -> Self {
+        Pacer::with_tick(rate_per_second, PACER_TICK)
+    }
+
+    /// Bursts every `tick` (a timer's interval) instead of every 10 ms.
+    pub fn with_tick(rate_per_second: u64, tick: Duration) -> Self {
         Pacer {
-            per_tick: rate_per_second as f64 * PACER_TICK.as_secs_f64(),
+            per_tick: rate_per_second as f64 * tick.as_secs_f64(),
             carry: 0.0,
+            tick,
         }
     }
 
@@ -176,6 +184,24 @@ impl Pacer {
         let whole = self.carry.floor();
         self.carry -= whole;
         whole as u64
+    }
+}
+
+/// What the paced publisher sends: the envelope and event generator, the catalogue's changes.
+pub trait RecordSource {
+    /// The next record, stamped with `now` as its event time.
+    fn next_record(&mut self, now: DateTime<Utc>) -> GeneratedRecord;
+    /// Topics it writes to, to check they exist before sending.
+    fn topics(&self) -> Vec<String>;
+}
+
+impl RecordSource for Generator {
+    fn next_record(&mut self, now: DateTime<Utc>) -> GeneratedRecord {
+        Generator::next_record(self, now)
+    }
+
+    fn topics(&self) -> Vec<String> {
+        Generator::topics(self)
     }
 }
 
@@ -226,9 +252,6 @@ pub async fn run_encoded(
     codec: &Codec,
     shutdown: CancellationToken,
 ) -> Result<u64, GenerateError> {
-    let context = crate::kafka::PipelineContext::default();
-    let producer = CountedProducer::create(settings, context.clone())?;
-    let metadata = wait_for_broker(producer.client(), &context, settings)?;
     let mut generator = Generator::new(
         options.kind,
         options.seed,
@@ -236,28 +259,59 @@ pub async fn run_encoded(
         options.series,
         options.topic,
     );
-    let topics = generator.topics();
+    let pacer = (options.rate > 0).then(|| Pacer::new(options.rate));
+    publish(
+        settings,
+        &mut generator,
+        Some(options.count),
+        pacer,
+        Some(codec),
+        shutdown,
+    )
+    .await
+}
+
+/// Sends `source`'s records (`limit` of them, or until `shutdown` when `None`), `pacer`'s
+/// batch each of its ticks (as fast as Kafka acknowledges without one), each encoded by
+/// `codec` (as generated without one); returns how many Kafka acknowledged.
+pub async fn publish(
+    settings: &KafkaSettings,
+    source: &mut impl RecordSource,
+    limit: Option<u64>,
+    mut pacer: Option<Pacer>,
+    codec: Option<&Codec>,
+    shutdown: CancellationToken,
+) -> Result<u64, GenerateError> {
+    let context = crate::kafka::PipelineContext::default();
+    let producer = CountedProducer::create(settings, context.clone())?;
+    let metadata = wait_for_broker(producer.client(), &context, settings)?;
+    let topics = source.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     require_topics(&metadata, &topic_refs, settings)?;
 
     let mut sender = BoundedSender::new(&producer, 50_000);
-    let mut pacer = (options.rate > 0).then(|| Pacer::new(options.rate));
-    let mut ticker = tokio::time::interval(PACER_TICK);
+    let mut ticker = tokio::time::interval(pacer.as_ref().map_or(PACER_TICK, |p| p.tick));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
     let mut last_report = std::time::Instant::now();
-    while sent < options.count && !shutdown.is_cancelled() {
+    while limit.is_none_or(|limit| sent < limit) && !shutdown.is_cancelled() {
         let batch = match pacer.as_mut() {
             Some(pacer) => {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.cancelled() => break,
+                }
                 pacer.next_batch()
             }
             None => 1_000,
         }
-        .min(options.count - sent);
+        .min(limit.map_or(u64::MAX, |limit| limit - sent));
         for _ in 0..batch {
-            let record = generator.next_record(Utc::now());
-            let value = codec.encode(&record.topic, record.value).await?;
+            let record = source.next_record(Utc::now());
+            let value = match codec {
+                Some(codec) => codec.encode(&record.topic, record.value).await?,
+                None => record.value,
+            };
             sender
                 .send(
                     BaseRecord::to(&record.topic)

@@ -2,6 +2,7 @@
 //! Module map, one line each — start reading at `cli` for the commands and `settings` for how settings resolve.
 
 pub mod aggregate; // `eventpipe aggregate`: windows by name × function × interval, to Kafka or PostgreSQL
+pub mod catalogue; // the product catalogue: seeded products and photos, the generator of their changes
 pub mod cli; // command-line edge: subcommands, global flags, error-to-exit-code mapping
 pub mod codec; // record formats per topic: json or Avro (Confluent framing) via the schema registry
 pub mod config; // global settings (Kafka, URLs, formats, telemetry) and the config file
@@ -13,6 +14,7 @@ pub mod gateway; // `eventpipe gateway`: HTTP ingress, SSE/WebSocket subscriptio
 pub mod generate; // synthetic traffic: service envelopes and aggregator events
 pub mod kafka; // librdkafka client configuration, logging context, broker checks, bounded delivery
 pub mod log; // `eventpipe log`: info_in to Elasticsearch documents for Kibana
+pub mod materialise; // `eventpipe materialise`: a topic's latest state per key in a PostgreSQL table, newer versions only
 pub mod postgres; // PostgreSQL pools with a command's migrations applied
 pub mod produce; // `eventpipe produce`: JSON lines to Kafka with headers and keys
 pub mod settings; // one setting's resolution: flag > environment > config file > default, checked

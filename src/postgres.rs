@@ -1,5 +1,5 @@
-//! PostgreSQL pools of the commands that keep tables of their own: connected quietly (no
-//! "already exists" notices) with that command's migrations applied.
+//! PostgreSQL for the commands that keep tables of their own: pools connected quietly (no
+//! "already exists" notices) with the command's migrations applied, and the writers' retry.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -47,4 +47,79 @@ pub async fn connect_migrated(
         .await
         .map_err(|source| SchemaError::Migrate { what, source })?;
     Ok(pool)
+}
+
+/// How a stage's writer retries a batch PostgreSQL did not take: with backoff, keeping the
+/// stage's `eventpipe_<stage>_batch_seconds`, `_retries_total`, `_postgres_up` and its
+/// readiness (`postgres`) current. The store and the materialiser write through it:
+///
+/// ```ignore
+/// let written = loop {
+///     if give_up.is_cancelled() { return Ok(()) } // unacknowledged: read again later
+///     match retry.attempt(write(&rows)).await {
+///         Ok(written) => break written,
+///         Err(error) => retry.wait(&error, rows.len(), &give_up).await,
+///     }
+/// };
+/// ```
+pub struct WriteRetry<'a> {
+    stage: &'static str,
+    readiness: &'a crate::telemetry::Readiness,
+    backoff: crate::log::bulk::Backoff,
+}
+
+impl<'a> WriteRetry<'a> {
+    pub fn new(
+        stage: &'static str,
+        readiness: &'a crate::telemetry::Readiness,
+        initial: Duration,
+        max: Duration,
+    ) -> Self {
+        WriteRetry {
+            stage,
+            readiness,
+            backoff: crate::log::bulk::Backoff::new(initial, max),
+        }
+    }
+
+    /// One write attempt, timed, with PostgreSQL's state set from its outcome.
+    pub async fn attempt<T, E>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = std::time::Instant::now();
+        let result = write.await;
+        metrics::histogram!(format!("eventpipe_{}_batch_seconds", self.stage))
+            .record(started.elapsed().as_secs_f64());
+        let up = result.is_ok();
+        self.readiness.set("postgres", up);
+        metrics::gauge!(format!("eventpipe_{}_postgres_up", self.stage)).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+        result
+    }
+
+    /// After a failed attempt: counts and logs it, then waits the backoff (or until `give_up`).
+    pub async fn wait(
+        &mut self,
+        error: &(dyn std::fmt::Display + Sync),
+        rows: usize,
+        give_up: &tokio_util::sync::CancellationToken,
+    ) {
+        let delay = self.backoff.next_delay(rand::random());
+        metrics::counter!(format!("eventpipe_{}_retries_total", self.stage)).increment(1);
+        tracing::warn!(
+            %error,
+            rows,
+            attempt = self.backoff.attempts(),
+            delay_ms = delay.as_millis() as u64,
+            "writing to PostgreSQL failed; retrying (consumption pauses meanwhile)"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = give_up.cancelled() => {}
+        }
+    }
 }

@@ -17,6 +17,7 @@ pub mod ingress;
 pub mod kafka;
 pub mod metrics;
 pub mod pages;
+pub mod products;
 pub mod session;
 pub mod settings;
 pub mod sse;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub flows: crate::flows::FlowStore,
     pub shutdown: CancellationToken,
     pub console: console::Console,
+    /// The product photos' cache (`/v1/products/{id}/photo`).
+    pub photos: products::PhotoCache,
 }
 
 impl Gateway {
@@ -92,6 +95,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(subscriptions::routes(gateway.clone()))
         .merge(pages::routes())
         .merge(console::routes(gateway.clone()))
+        .merge(products::routes(gateway.clone()))
         .fallback(|| async { ApiError::not_found("no_route", "no such route (see /v1/...)") })
         .layer(axum::middleware::from_fn(http::json_errors))
         .layer(axum::middleware::from_fn(http::count_requests))
@@ -187,6 +191,15 @@ pub async fn start(
         None => &[],
     };
     let console = console::Console::start(console_stages, &settings.kafka, &shutdown);
+    products::describe_metrics();
+    let photos = products::PhotoCache::start(
+        &gateway_settings.redis_url,
+        gateway_settings.photo_cache_ttl,
+        gateway_settings.photo_cache_prefix.clone(),
+        &shutdown,
+    )
+    .await
+    .context("gateway.redis_url")?;
     let gateway = Arc::new(Gateway {
         settings: gateway_settings,
         sessions,
@@ -196,6 +209,7 @@ pub async fn start(
         flows,
         shutdown: shutdown.clone(),
         console,
+        photos,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -75,6 +75,19 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     pub console_stages: Option<Vec<String>>,
+    /// Redis of the photo cache (default: redis://127.0.0.1:16379, the local stack's).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// How long a cached photo lives in Redis, in seconds (default: 300).
+    #[arg(long, env = "EVENTPIPE_GATEWAY_PHOTO_CACHE_TTL_SECS")]
+    pub photo_cache_ttl_secs: Option<u64>,
+    /// Prefix of the photo cache's Redis keys, so catalogues sharing a Redis keep apart
+    /// (default: eventpipe:photo:).
+    #[arg(long, env = "EVENTPIPE_GATEWAY_PHOTO_CACHE_PREFIX")]
+    pub photo_cache_prefix: Option<String>,
+    /// The products' table, as `eventpipe materialise --table` keeps it (default: products).
+    #[arg(long, env = "EVENTPIPE_GATEWAY_PRODUCTS_TABLE")]
+    pub products_table: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayArgs {
@@ -110,6 +123,10 @@ pub struct FileGateway {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub console_stages: Option<Vec<String>>,
+    pub redis_url: Option<String>,
+    pub photo_cache_ttl_secs: Option<u64>,
+    pub photo_cache_prefix: Option<String>,
+    pub products_table: Option<String>,
 }
 
 impl std::fmt::Debug for FileGateway {
@@ -142,6 +159,11 @@ pub struct GatewaySettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The stages the console scrapes.
     pub console_stages: Vec<StageTarget>,
+    /// The photo cache.
+    pub redis_url: String,
+    pub photo_cache_ttl: Duration,
+    pub photo_cache_prefix: String,
+    pub products_table: crate::materialise::table::TableName,
 }
 
 impl std::fmt::Debug for GatewaySettings {
@@ -159,6 +181,28 @@ impl std::fmt::Debug for GatewaySettings {
             .finish_non_exhaustive()
     }
 }
+
+const REDIS_URL: Setting<String> = Setting::new("gateway.redis_url", "REDIS_URL", "--redis-url")
+    .default("redis://127.0.0.1:16379");
+const PHOTO_CACHE_TTL_SECS: Setting<u64> = Setting::new(
+    "gateway.photo_cache_ttl_secs",
+    "EVENTPIPE_GATEWAY_PHOTO_CACHE_TTL_SECS",
+    "--photo-cache-ttl-secs",
+)
+.default(300)
+.between(1, 7 * 86_400);
+const PHOTO_CACHE_PREFIX: Setting<String> = Setting::new(
+    "gateway.photo_cache_prefix",
+    "EVENTPIPE_GATEWAY_PHOTO_CACHE_PREFIX",
+    "--photo-cache-prefix",
+)
+.default("eventpipe:photo:");
+const PRODUCTS_TABLE: Setting<String> = Setting::new(
+    "gateway.products_table",
+    "EVENTPIPE_GATEWAY_PRODUCTS_TABLE",
+    "--products-table",
+)
+.default("products");
 
 const LISTEN: Setting<String> =
     Setting::new("gateway.listen", "EVENTPIPE_GATEWAY_LISTEN", "--listen")
@@ -343,6 +387,24 @@ impl GatewaySettings {
             max_catch_ups: MAX_CATCH_UPS.resolve(&args.max_catch_ups, &file.max_catch_ups)?,
             tls,
             console_stages: console_stages(args, file)?,
+            redis_url: REDIS_URL.resolve_with(&args.redis_url, &file.redis_url, |text| {
+                match url::Url::parse(text) {
+                    Ok(url) if matches!(url.scheme(), "redis" | "rediss") => Ok(text.clone()),
+                    Ok(_) => Err("expected a redis:// or rediss:// URL".into()),
+                    Err(error) => Err(format!("{error} (e.g. redis://127.0.0.1:16379)")),
+                }
+            })?,
+            photo_cache_ttl: Duration::from_secs(
+                PHOTO_CACHE_TTL_SECS
+                    .resolve(&args.photo_cache_ttl_secs, &file.photo_cache_ttl_secs)?,
+            ),
+            photo_cache_prefix: PHOTO_CACHE_PREFIX
+                .resolve(&args.photo_cache_prefix, &file.photo_cache_prefix)?,
+            products_table: PRODUCTS_TABLE.resolve_with(
+                &args.products_table,
+                &file.products_table,
+                |name| crate::materialise::table::TableName::parse(name),
+            )?,
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use super::settings::StoreSettings;
 use super::writer::Writer;
 use crate::codec::{decode_with_writer_schema, CodecError, Registry};
 use crate::config::{CodecSettings, Format, KafkaSettings};
-use crate::log::bulk::Backoff;
+use crate::postgres::WriteRetry;
 use crate::stage::batch::{BatchLimits, Batcher, WriterHooks};
 use crate::stage::{
     DeadLetterTopic, Handled, OffsetPolicy, PartitionId, Record, Stage, StageError, StageIo,
@@ -194,67 +194,45 @@ impl BatchWriter {
         rows: Vec<StoredRow>,
         give_up: CancellationToken,
     ) -> Result<(), StageError> {
-        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
         let mut writer = self.writer.lock().await;
-        loop {
+        let mut retry = WriteRetry::new(
+            "store",
+            &self.io.readiness,
+            self.retry_initial,
+            self.retry_max,
+        );
+        let written = loop {
             if give_up.is_cancelled() {
                 // Left unacknowledged: read again after the restart, stored once.
                 return Ok(());
             }
-            let started = Instant::now();
-            let result = writer.write(&rows).await;
-            metrics::histogram!("eventpipe_store_batch_seconds")
-                .record(started.elapsed().as_secs_f64());
-            match result {
-                Ok(written) => {
-                    self.postgres_up(true);
-                    metrics::counter!("eventpipe_store_batches_total").increment(1);
-                    metrics::counter!("eventpipe_store_rows_total", "outcome" => "stored")
-                        .increment(written.inserted);
-                    metrics::counter!("eventpipe_store_rows_total", "outcome" => "already_stored")
-                        .increment(written.duplicates);
-                    metrics::counter!("eventpipe_store_refused_rows_total")
-                        .increment(written.made_raw);
-                    add(&self.summary.stored, written.inserted);
-                    add(&self.summary.duplicates, written.duplicates);
-                    add(&self.summary.raw, written.made_raw);
-                    let now_ms = chrono::Utc::now().timestamp_millis();
-                    let latency = metrics::histogram!("eventpipe_store_end_to_end_seconds");
-                    for row in &rows {
-                        let partition = PartitionId {
-                            topic: row.topic.clone(),
-                            partition: row.partition,
-                        };
-                        self.io.acks.ack(&partition, row.offset);
-                        if row.kafka_time_ms > 0 {
-                            latency.record((now_ms - row.kafka_time_ms).max(0) as f64 / 1000.0);
-                        }
-                    }
-                    return Ok(());
-                }
-                Err(error) => {
-                    self.postgres_up(false);
-                    let delay = backoff.next_delay(rand::random());
-                    metrics::counter!("eventpipe_store_retries_total").increment(1);
-                    tracing::warn!(
-                        %error,
-                        rows = rows.len(),
-                        attempt = backoff.attempts(),
-                        delay_ms = delay.as_millis() as u64,
-                        "writing to PostgreSQL failed; retrying (consumption pauses meanwhile)"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = give_up.cancelled() => {}
-                    }
-                }
+            match retry.attempt(writer.write(&rows)).await {
+                Ok(written) => break written,
+                Err(error) => retry.wait(&error, rows.len(), &give_up).await,
+            }
+        };
+        metrics::counter!("eventpipe_store_batches_total").increment(1);
+        metrics::counter!("eventpipe_store_rows_total", "outcome" => "stored")
+            .increment(written.inserted);
+        metrics::counter!("eventpipe_store_rows_total", "outcome" => "already_stored")
+            .increment(written.duplicates);
+        metrics::counter!("eventpipe_store_refused_rows_total").increment(written.made_raw);
+        add(&self.summary.stored, written.inserted);
+        add(&self.summary.duplicates, written.duplicates);
+        add(&self.summary.raw, written.made_raw);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let latency = metrics::histogram!("eventpipe_store_end_to_end_seconds");
+        for row in &rows {
+            let partition = PartitionId {
+                topic: row.topic.clone(),
+                partition: row.partition,
+            };
+            self.io.acks.ack(&partition, row.offset);
+            if row.kafka_time_ms > 0 {
+                latency.record((now_ms - row.kafka_time_ms).max(0) as f64 / 1000.0);
             }
         }
-    }
-
-    fn postgres_up(&self, up: bool) {
-        self.io.readiness.set("postgres", up);
-        metrics::gauge!("eventpipe_store_postgres_up").set(if up { 1.0 } else { 0.0 });
+        Ok(())
     }
 }
 
