@@ -12,6 +12,7 @@ pub mod event;
 pub mod fanout;
 pub mod flows;
 pub mod history;
+pub mod holds;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
@@ -130,9 +131,11 @@ pub async fn start(
     let flows = crate::flows::FlowStore::on(pool.clone())
         .await
         .context("flow control")?;
-    crate::flows::watch::start(flows.clone(), shutdown.clone())
+    // One watcher per instance: every stream takes its pauses from it (`holds`).
+    let flow_watch = crate::flows::watch::start(flows.clone(), shutdown.clone())
         .await
         .context("flow control")?;
+    holds::describe();
     let (formats, registry) = crate::codec::shared(settings)?;
     let kafka_settings = settings.kafka.clone();
     let topics = gateway_settings.topics.clone();
@@ -178,6 +181,10 @@ pub async fn start(
         catch_ups: Arc::new(Semaphore::new(gateway_settings.max_catch_ups)),
         write_timeout: gateway_settings.write_timeout,
         live_margin: (gateway_settings.client_queue / 2).max(1) as u64,
+        flows: Some(holds::FlowContext {
+            watch: flow_watch,
+            store: flows.clone(),
+        }),
     });
     let listen = gateway_settings.listen;
     // Loaded before binding: a bad certificate is a start-up error naming the setting.
