@@ -223,7 +223,7 @@ async fn a_gateway_pause_holds_lk_while_arm_flows_and_resume_delivers_them_in_or
 }
 
 #[tokio::test]
-async fn a_durable_subscription_paused_by_name_gets_everything_once_after_a_reconnect() {
+async fn a_durable_subscription_paused_by_name_gets_everything_once_across_reconnects() {
     let (topics, database) = fixture("gwf-durable").await;
     let topic = &topics[0];
     let gateway = GatewayProcess::start(&topics, &database, &[]).await;
@@ -262,9 +262,19 @@ async fn a_durable_subscription_paused_by_name_gets_everything_once_after_a_reco
     drop(first);
     wait_until_sleeping(&gateway, &format!("/v1/subscriptions/{name}"), ADMIN).await;
 
-    // Away while paused, and while it resumes.
+    // Away while paused; back while still paused (its position says what is held: arm goes
+    // on, lk stays held); away again across the resume.
     let away = batch(&["lk", "arm"], 2000, 20);
     post(&gateway, topic, &away).await;
+    let mut back = connect().await;
+    back.started().await;
+    read_until(&mut back, &mut frames, |f| has_all(f, &of(&away, "arm"))).await;
+    assert!(
+        !frames.iter().any(|g| g.service == "lk" && g.n >= 1000),
+        "lk stays held after a reconnect while paused: {frames:?}"
+    );
+    drop(back);
+    wait_until_sleeping(&gateway, &format!("/v1/subscriptions/{name}"), ADMIN).await;
     resume(&gateway, &id).await;
     let after = batch(&["lk", "arm"], 3000, 20);
     post(&gateway, topic, &after).await;

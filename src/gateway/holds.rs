@@ -48,8 +48,8 @@ pub struct StreamFlows {
     /// The durable subscription the stream is attached to, for `subscription:NAME` pauses.
     subscription: Option<String>,
     pauses: Vec<StreamPause>,
-    /// Filters of pauses the view no longer lists (resumed), looked up once.
-    over: HashMap<String, FilterSet>,
+    /// Pauses the view no longer lists (resumed): filters and injection, looked up once.
+    over: HashMap<String, (FilterSet, Option<Injection>)>,
 }
 
 impl StreamFlows {
@@ -128,11 +128,12 @@ impl StreamFlows {
                 let (filters, inject) = match listed {
                     Some(pause) => (pause.filters.clone(), pause.inject.clone()),
                     None => match self.over.get(id) {
-                        Some(filters) => (filters.clone(), None),
+                        Some(known) => known.clone(),
                         None => {
                             let pause = store.get(id).await?;
-                            self.over.insert(id.to_string(), pause.filters.clone());
-                            (pause.filters, pause.inject)
+                            let known = (pause.filters, pause.inject);
+                            self.over.insert(id.to_string(), known.clone());
+                            known
                         }
                     },
                 };
@@ -238,4 +239,59 @@ pub fn describe() {
         INJECTED,
         "History events gateway streams delivered, marked replay, for a pause's injection"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pause(id: &str, filter: &str, holding: bool) -> StreamPause {
+        StreamPause {
+            id: id.into(),
+            filters: FilterSet::parse(&[filter]).unwrap(),
+            holding,
+            inject: None,
+        }
+    }
+
+    fn at(partition: i32, offset: i64, service: &'static str) -> EventAt<'static> {
+        EventAt::new("t", partition, offset, service, "x")
+    }
+
+    #[test]
+    fn a_holding_pause_holds_what_it_matches_and_the_cursor_keeps_it_owed() {
+        let mut flows = StreamFlows::new(None, None);
+        assert!(flows.is_idle());
+        flows.pauses = vec![pause("p1", "lk:*", true)];
+        let mut cursor = Cursor::default();
+        cursor.advance("t", 0, 4);
+        assert!(flows.hold(&mut cursor, at(0, 5, "lk")));
+        assert!(!flows.hold(&mut cursor, at(0, 6, "arm")));
+        assert!(flows.hold(&mut cursor, at(0, 7, "lk")));
+        assert_eq!(
+            cursor.held_from("t", 0, "p1"),
+            Some(5),
+            "the first one stays"
+        );
+        assert!(flows.owed(&cursor, at(0, 7, "lk")).is_some());
+        assert!(
+            flows.owed(&cursor, at(0, 4, "lk")).is_none(),
+            "before it held"
+        );
+        assert!(flows.owed(&cursor, at(0, 6, "arm")).is_none());
+        assert!(!flows.due(&cursor));
+    }
+
+    #[test]
+    fn a_pause_that_is_over_holds_only_where_it_still_owes_and_is_due() {
+        let mut flows = StreamFlows::new(None, None);
+        flows.pauses = vec![pause("p1", "lk:*", false)];
+        let mut cursor = Cursor::default();
+        cursor.hold("t", 0, "p1", 3);
+        // Partition 0 owes lk from 3: a later lk there must wait for the release.
+        assert!(flows.hold(&mut cursor, at(0, 9, "lk")));
+        // Partition 1 owes nothing: live.
+        assert!(!flows.hold(&mut cursor, at(1, 9, "lk")));
+        assert!(flows.due(&cursor));
+    }
 }

@@ -755,6 +755,10 @@ async fn live(
     let mut batch = Vec::with_capacity(LIVE_BATCH);
     loop {
         let received = tokio::select! {
+            // Events first: while they are waiting, the watch is not even polled (a pause is
+            // taken at the next batch either way; the watch wakes an idle stream for a resume
+            // or an injection).
+            biased;
             received = feed.receiver.recv_many(&mut batch, LIVE_BATCH) => received,
             () = flows.wait_changed() => {
                 refresh(flows, cursor).await?;
@@ -771,6 +775,11 @@ async fn live(
                 Ended::Failed
             });
         }
+        // Under steady traffic the watch branch is never polled: look here (an atomic load).
+        let refreshed = flows.changed();
+        if refreshed {
+            refresh(flows, cursor).await?;
+        }
         for event in batch.drain(..) {
             if cursor
                 .get(&event.topic, event.partition)
@@ -785,6 +794,9 @@ async fn live(
             }
             let id = cursor.encode();
             writer.send(Outgoing::Event { event, id }).await?;
+        }
+        if refreshed && flows.due(cursor) {
+            return Ok(());
         }
     }
 }
