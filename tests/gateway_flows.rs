@@ -450,9 +450,63 @@ async fn bad_injections_get_a_clear_status_and_change_nothing() {
             "{answer}"
         );
     }
+    // The CLI: one line naming the flag, a failing exit code.
+    let env = [("POSTGRES_CONNECTION_STRING", database.as_str())];
+    let cli = |args: &[&str]| {
+        let mut all = vec!["flows", "inject", "--filter", "lk:*"];
+        all.extend_from_slice(args);
+        common::run_eventpipe(&all, &env, None)
+    };
+    for (args, says) in [
+        (vec!["--scope", "gateway"], "--last"),
+        (vec!["--scope", "gateway", "--last", "0"], "--last"),
+        (
+            vec!["--scope", "gateway", "--last", "3", "--store-filter", "lk"],
+            "--store-filter",
+        ),
+        (vec!["--scope", "gateway", "--since", "someday"], "--since"),
+        (
+            vec![
+                "--scope",
+                "gateway",
+                "--last",
+                "3",
+                "--resume-after",
+                "soon",
+            ],
+            "--resume-after",
+        ),
+        (vec!["--scope", "nowhere", "--last", "3"], "--scope"),
+        (vec!["--scope", "dispatch", "--last", "3"], "not supported"),
+        (
+            vec!["--scope", "subscription:nobody", "--last", "3"],
+            "no subscription \"nobody\"",
+        ),
+    ] {
+        let output = cli(&args);
+        let stderr = common::stderr(&output);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert!(errors[0].contains(says), "{args:?}: {stderr}");
+    }
     let (status, answer) = gateway
         .call(Method::GET, "/v1/admin/flows?all=true", None, ADMIN)
         .await;
     assert_eq!(status, 200);
     assert_eq!(answer["pauses"], json!([]), "nothing was paused: {answer}");
+
+    // And a good one: paused with its selection, resumed by itself after the window.
+    let output = cli(&["--scope", "gateway", "--last", "3", "--reason", "replay"]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let id = common::stdout(&output).trim().to_string();
+    let (_, pause) = gateway
+        .call(Method::GET, &format!("/v1/admin/flows/{id}"), None, ADMIN)
+        .await;
+    assert_eq!(pause["status"], "resumed", "{pause}");
+    assert_eq!(
+        pause["inject"],
+        json!({"filters": ["lk:*"], "last": 3}),
+        "{pause}"
+    );
 }
