@@ -3,7 +3,8 @@
 //!
 //! Layout: `ingress` (POST events) → Kafka; Kafka → `kafka::run_reader` → `fanout::Hub` → one
 //! `session` per connection (catch-up, then live) → `sse` / `ws`; `auth` decides who may do what;
-//! `cursor` is the resumable position every frame carries; `console` is the operators' page.
+//! `cursor` is the resumable position every frame carries; `holds` is flow control in a stream
+//! (pauses, held events, history injection); `console` is the operators' page.
 
 pub mod auth;
 pub mod console;

@@ -511,8 +511,18 @@ impl Pass<'_> {
                         && d.first <= offset
                         && d.filters.matches(service, action)
                 });
+                // A pause made since with the same filters may hold it now: it stays held.
+                let held_again = || {
+                    flows.pauses().iter().any(|q| {
+                        q.holding
+                            && q.filters.matches(service, action)
+                            && cursor
+                                .held_from(topic, partition, &q.id)
+                                .is_some_and(|first| first <= offset)
+                    })
+                };
                 match owed {
-                    Some(owed) if request.filters.matches(service, action) => {
+                    Some(owed) if request.filters.matches(service, action) && !held_again() => {
                         cursor.set_held_from(topic, partition, &owed.pause, Some(offset + 1));
                         metrics::counter!(holds::RELEASED, "pause" => owed.pause.clone())
                             .increment(1);
