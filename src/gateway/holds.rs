@@ -26,8 +26,52 @@ use crate::store::history::StoredEvent;
 /// The instance's pause watcher, shared by every stream.
 #[derive(Clone)]
 pub struct FlowContext {
-    pub watch: watch::Receiver<Arc<FlowView>>,
+    pub watch: watch::Receiver<Arc<Vec<GatewayPause>>>,
     pub store: FlowStore,
+}
+
+/// A pause as streams see it: the watcher publishes the pauses (with their holders' counts)
+/// every 250 ms; this is re-published only when one of these fields changes, so an idle stream
+/// is woken by a pause, a resume or an injection, not by every poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayPause {
+    pub id: String,
+    pub filters: FilterSet,
+    pub scope: Scope,
+    pub state: PauseState,
+    pub inject: Option<Injection>,
+}
+
+impl FlowContext {
+    /// Follows the instance's `FlowView` until it ends (with the watcher, at shutdown).
+    pub fn start(mut view: watch::Receiver<Arc<FlowView>>, store: FlowStore) -> FlowContext {
+        let of = |view: &FlowView| -> Vec<GatewayPause> {
+            view.pauses
+                .iter()
+                .map(|p| GatewayPause {
+                    id: p.id.clone(),
+                    filters: p.filters.clone(),
+                    scope: p.scope.clone(),
+                    state: p.state,
+                    inject: p.inject.clone(),
+                })
+                .collect()
+        };
+        let (sender, watch) = watch::channel(Arc::new(of(&view.borrow_and_update())));
+        tokio::spawn(async move {
+            while view.changed().await.is_ok() {
+                let pauses = of(&view.borrow_and_update());
+                sender.send_if_modified(|current| {
+                    let modified = **current != pauses;
+                    if modified {
+                        *current = Arc::new(pauses);
+                    }
+                    modified
+                });
+            }
+        });
+        FlowContext { watch, store }
+    }
 }
 
 /// One pause as a stream sees it.
@@ -109,7 +153,6 @@ impl StreamFlows {
         let view = context.watch.borrow_and_update().clone();
         let store = context.store.clone();
         let mut pauses: Vec<StreamPause> = view
-            .pauses
             .iter()
             .filter(|p| p.state == PauseState::Paused && self.applies(&p.scope))
             .map(|p| StreamPause {
@@ -124,7 +167,7 @@ impl StreamFlows {
                 if pauses.iter().any(|p| p.id == id) {
                     continue;
                 }
-                let listed = view.pauses.iter().find(|p| p.id == id);
+                let listed = view.iter().find(|p| p.id == id);
                 let (filters, inject) = match listed {
                     Some(pause) => (pause.filters.clone(), pause.inject.clone()),
                     None => match self.over.get(id) {

@@ -182,10 +182,7 @@ pub async fn start(
         catch_ups: Arc::new(Semaphore::new(gateway_settings.max_catch_ups)),
         write_timeout: gateway_settings.write_timeout,
         live_margin: (gateway_settings.client_queue / 2).max(1) as u64,
-        flows: Some(holds::FlowContext {
-            watch: flow_watch,
-            store: flows.clone(),
-        }),
+        flows: Some(holds::FlowContext::start(flow_watch, flows.clone())),
     });
     let listen = gateway_settings.listen;
     // Loaded before binding: a bad certificate is a start-up error naming the setting.

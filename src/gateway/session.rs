@@ -762,6 +762,11 @@ async fn live(
     flows: &mut StreamFlows,
     writer: &Writer,
 ) -> Result<(), Ended> {
+    // Something may have come due while the stream caught up (its look at the pauses then
+    // consumed the change the watch would wake it for).
+    if !flows.is_idle() && flows.due(cursor) {
+        return Ok(());
+    }
     let mut batch = Vec::with_capacity(LIVE_BATCH);
     loop {
         let received = tokio::select! {
