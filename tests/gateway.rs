@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::gateway::{
-    collect_events, collect_events_until_slow, envelope, Api, Client, Frame, GatewayProcess,
-    SseClient, WsClient, ADMIN,
+    collect_events, collect_events_until_slow, envelope, store_until_it_holds, wait_until_sleeping,
+    Api, Client, Frame, GatewayProcess, SseClient, WsClient, ADMIN,
 };
 use common::{
     create_topic, fresh_database_url, grow_topic, produce_to_partitions, read_to_end, settings,
@@ -81,55 +81,6 @@ fn independently_selected(topics: &[String], filters: &FilterSet) -> HashSet<(St
 
 fn coordinates(frames: &[Frame]) -> HashSet<(String, i64, i64)> {
     frames.iter().map(Frame::coordinates).collect()
-}
-
-/// Runs `eventpipe store` over `topics` into `database` until its events table holds `count`
-/// rows; the stage keeps running while the returned process lives.
-async fn store_until_it_holds(
-    topics: &[String],
-    database: &str,
-    count: i64,
-) -> common::StageProcess {
-    let store = common::StageProcess::start(
-        &[
-            "store",
-            "--topics",
-            &topics.join(","),
-            "--postgres-url",
-            database,
-            "--group-id",
-            &unique("gw-store"),
-        ],
-        &[],
-    );
-    let pool = sqlx::PgPool::connect(database).await.unwrap();
-    common::wait_until(Duration::from_secs(60), "the stored events", async || {
-        let stored: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&pool)
-            .await;
-        match stored {
-            Ok(n) if n == count => Ok(()),
-            other => Err(format!("{other:?} of {count}")),
-        }
-    })
-    .await;
-    store
-}
-
-/// Waits until the subscription at `path` has no client attached.
-async fn wait_until_sleeping(gateway: &Api, path: &str, key: &str) {
-    common::wait_until(
-        Duration::from_secs(30),
-        "the subscription to sleep",
-        async || {
-            let (_, answer) = gateway.call(reqwest::Method::GET, path, None, key).await;
-            match answer["state"].as_str() {
-                Some("sleeping") => Ok(()),
-                _ => Err(answer.to_string()),
-            }
-        },
-    )
-    .await;
 }
 
 /// The five subscription kinds of the services' plan, as query strings and filter sets.

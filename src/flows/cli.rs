@@ -1,5 +1,5 @@
-//! `eventpipe flows pause|resume|list|show`: pauses managed straight on PostgreSQL, obeyed by
-//! every instance within a second; the id of a new pause alone on stdout.
+//! `eventpipe flows pause|resume|list|show|inject`: pauses managed straight on PostgreSQL, obeyed
+//! by every instance within a second; the id of a new pause alone on stdout.
 
 use chrono::SecondsFormat;
 use clap::{ArgGroup, Subcommand};
@@ -31,6 +31,35 @@ pub enum FlowsCommand {
         id: Option<String>,
         #[arg(long = "filter", value_name = "SERVICE:ACTION")]
         filters: Vec<String>,
+    },
+    /// History injection: pause the flow, have every gateway stream the pause holds deliver the
+    /// store's selection (marked replay), then what it held, then resume. Prints the pause's id
+    /// and returns once the flow is resuming.
+    Inject {
+        /// The flow to pause: SERVICE:ACTION, either side `*` (repeatable or comma-separated).
+        #[arg(long = "filter", value_name = "SERVICE:ACTION", required = true)]
+        filters: Vec<String>,
+        /// gateway or subscription:NAME.
+        #[arg(long, required = true)]
+        scope: String,
+        /// What to read from the store (default: the --filter flow).
+        #[arg(long = "store-filter", value_name = "SERVICE:ACTION")]
+        store_filters: Vec<String>,
+        /// The last N events of the selection.
+        #[arg(long, value_name = "N")]
+        last: Option<u64>,
+        /// Kafka time at or after (as `eventpipe history` takes it: RFC 3339, a date, -1h).
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        since: Option<String>,
+        /// Kafka time before.
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        until: Option<String>,
+        /// How long the flow stays paused (at least 1s: every gateway has seen it).
+        #[arg(long, default_value = "1s", value_name = "DURATION")]
+        resume_after: String,
+        /// Why, shown in listings.
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// The active pauses (paused, resuming) with what they hold.
     List {
@@ -83,7 +112,10 @@ pub async fn run(command: FlowsCommand, settings: &Settings) -> anyhow::Result<(
             Some(FlowError::BadFilter(_)) => "bad_filter",
             Some(FlowError::BadScope(_)) => "bad_scope",
             Some(FlowError::Conflict { .. }) => "conflicting_pause",
-            Some(FlowError::NotFound(_) | FlowError::NoneMatching(_)) => "not_found",
+            Some(FlowError::BadInjection(_)) => "bad_parameter",
+            Some(
+                FlowError::NotFound(_) | FlowError::NoneMatching(_) | FlowError::NoSubscription(_),
+            ) => "not_found",
             Some(_) => "failed",
         },
     );
@@ -114,6 +146,7 @@ async fn execute(command: FlowsCommand, settings: &Settings) -> Outcome {
                     scope,
                     reason,
                     by: caller(),
+                    inject: None,
                 })
                 .await
                 .map_err(fail)?;
@@ -148,6 +181,56 @@ async fn execute(command: FlowsCommand, settings: &Settings) -> Outcome {
                 }
             }
             Ok("resume")
+        }
+        FlowsCommand::Inject {
+            filters,
+            scope,
+            store_filters,
+            last,
+            since,
+            until,
+            resume_after,
+            reason,
+        } => {
+            let fail = |e| ("inject", e);
+            let filters = FilterSet::parse(&filters).map_err(|e| fail(e.into()))?;
+            let scope = scope
+                .parse::<Scope>()
+                .map_err(|e| fail(FlowError::BadScope(format!("--scope: {e}"))))?;
+            let injection = super::store::Injection::parse(
+                &filters,
+                &store_filters,
+                last,
+                since.as_deref(),
+                until.as_deref(),
+                |flag| format!("--{flag}"),
+            )
+            .map_err(fail)?;
+            let window = crate::store::settings::parse_duration(&resume_after).map_err(|why| {
+                fail(FlowError::BadInjection(format!(
+                    "--resume-after: {resume_after:?}: {why}"
+                )))
+            })?;
+            let store = connect().await.map_err(fail)?;
+            let request = PauseRequest {
+                filters,
+                scope,
+                reason,
+                by: caller(),
+                inject: None,
+            };
+            let (pause, resume) = store
+                .inject(request, injection, window)
+                .await
+                .map_err(fail)?;
+            eprintln!(
+                "paused {} (scope {}) with its history: the gateway's streams deliver it, then what the pause held",
+                pause.filters, pause.scope
+            );
+            println!("{}", pause.id);
+            let _ = resume.await;
+            eprintln!("pause {} resuming", pause.id);
+            Ok("inject")
         }
         FlowsCommand::List { all, json } => {
             let fail = |e| ("list", e);

@@ -2,7 +2,7 @@
 //! pause), resuming, listing, and the holders' per-partition bookkeeping of holds and releases.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use super::{PauseState, Scope};
@@ -25,6 +25,10 @@ pub enum FlowError {
     },
     #[error("no pause {0}")]
     NotFound(String),
+    #[error("history injection: {0}")]
+    BadInjection(String),
+    #[error("no subscription {0:?}: create it with PUT /v1/subscriptions/{0}")]
+    NoSubscription(String),
     #[error("no active pause has exactly the filters {0}")]
     NoneMatching(String),
     #[error("flow control database: {0}")]
@@ -49,6 +53,10 @@ impl FlowError {
 fn new_id() -> String {
     format!("{:012x}", rand::random::<u64>() >> 16)
 }
+
+/// How long an injection's pause stays paused at least: every instance's watcher has read it
+/// (every 250 ms) and each stream it holds has begun the injection.
+pub const MIN_INJECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Flow control's migrations; like every stage's, they ignore the others' versions.
 pub fn migrator() -> sqlx::migrate::Migrator {
@@ -99,6 +107,93 @@ struct PauseColumns {
     resumed_by: Option<String>,
     resume_requested_at: Option<DateTime<Utc>>,
     resumed_at: Option<DateTime<Utc>>,
+    inject: Option<String>,
+}
+
+/// A history injection carried by a pause: what each gateway stream it holds reads from the
+/// event store and delivers, marked replay, before the events it held (README "Flow control").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Injection {
+    /// The store selection's SERVICE:ACTION filters (the pause's own when none were given).
+    pub filters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Injection {
+    /// From a request's words (the CLI's flags, the API's fields, named by `name`): the store
+    /// filters (the pause's when empty), the last N, a Kafka-time range as history takes it.
+    pub fn parse(
+        pause_filters: &FilterSet,
+        store_filters: &[String],
+        last: Option<u64>,
+        since: Option<&str>,
+        until: Option<&str>,
+        name: fn(&str) -> String,
+    ) -> Result<Injection, FlowError> {
+        let bad =
+            |field: &str, why: String| FlowError::BadInjection(format!("{}: {why}", name(field)));
+        let filters = match store_filters.is_empty() {
+            true => pause_filters
+                .filters()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            false => FilterSet::parse(store_filters)
+                .map_err(|e| bad("store-filter", e.to_string()))?
+                .filters()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        };
+        if last == Some(0) {
+            return Err(bad("last", "expected at least 1".into()));
+        }
+        if last.is_none() && since.is_none() {
+            return Err(bad(
+                "last",
+                format!(
+                    "name the history to inject: {} N or {} TIME",
+                    name("last"),
+                    name("since")
+                ),
+            ));
+        }
+        let now = Utc::now();
+        let time = |field: &str, text: Option<&str>| {
+            text.map(|text| {
+                crate::store::history::parse_time(text, now)
+                    .map_err(|why| bad(field, format!("{text:?}: {why}")))
+            })
+            .transpose()
+        };
+        let (since, until) = (time("since", since)?, time("until", until)?);
+        if let (Some(since), Some(until)) = (since, until) {
+            if until <= since {
+                return Err(bad("until", "expected a time after since".into()));
+            }
+        }
+        Ok(Injection {
+            filters,
+            last,
+            since,
+            until,
+        })
+    }
+
+    /// The store selection it reads (the stream narrows it to its own filters and topics).
+    pub fn selection(&self) -> Result<crate::store::history::Selection, FilterError> {
+        let mut selection = crate::store::history::Selection::of(FilterSet::parse(&self.filters)?);
+        selection.last = self.last;
+        selection.since = self.since;
+        selection.until = self.until;
+        Ok(selection)
+    }
 }
 
 /// A pause with its holders' progress.
@@ -114,6 +209,8 @@ pub struct Pause {
     pub resumed_by: Option<String>,
     pub resume_requested_at: Option<DateTime<Utc>>,
     pub resumed_at: Option<DateTime<Utc>>,
+    /// The history the gateway's streams deliver before what this pause held.
+    pub inject: Option<Injection>,
     pub holds: Vec<HoldRow>,
 }
 
@@ -125,9 +222,13 @@ impl Pause {
             FilterSet::parse(&row.filters),
             row.scope.parse::<Scope>(),
             PauseState::parse(&row.state),
+            row.inject
+                .as_deref()
+                .map(serde_json::from_str::<Injection>)
+                .transpose(),
         );
         match parsed {
-            (Ok(filters), Ok(scope), Some(state)) => Some(Pause {
+            (Ok(filters), Ok(scope), Some(state), Ok(inject)) => Some(Pause {
                 id: row.id,
                 filters,
                 scope,
@@ -138,6 +239,7 @@ impl Pause {
                 resumed_by: row.resumed_by,
                 resume_requested_at: row.resume_requested_at,
                 resumed_at: row.resumed_at,
+                inject,
                 holds: Vec::new(),
             }),
             _ => {
@@ -180,6 +282,7 @@ impl Pause {
             "resumed_by": self.resumed_by,
             "resume_requested_at": self.resume_requested_at,
             "resumed_at": self.resumed_at,
+            "inject": self.inject,
             "held": self.held_now(),
             "oldest_held_at": self.oldest_held(),
             "partitions": self.holds.iter().map(|h| {
@@ -199,6 +302,8 @@ pub struct PauseRequest {
     pub reason: String,
     /// Who asked: `admin`, `cli:<user>`.
     pub by: String,
+    /// History for the gateway's streams to deliver first (scope gateway or subscription).
+    pub inject: Option<Injection>,
 }
 
 /// What the database answered a holder registering its first held record of a partition.
@@ -212,7 +317,7 @@ pub enum Registration {
 }
 
 const PAUSE_COLUMNS: &str = "id, filters, scope, reason, state, paused_by, paused_at, resumed_by,
-     resume_requested_at, resumed_at";
+     resume_requested_at, resumed_at, inject";
 const HOLD_COLUMNS: &str = "pause_id, holder, topic, kafka_partition, first_held, first_held_time,
      held, last_held, resume_at, released, last_released, drained_at";
 
@@ -253,6 +358,9 @@ impl FlowStore {
 
     /// Creates a pause, unless an active pause in an overlapping scope has overlapping filters.
     pub async fn pause(&self, request: PauseRequest) -> Result<Pause, FlowError> {
+        if let Some(inject) = &request.inject {
+            self.check_injection(&request.scope, inject).await?;
+        }
         let mut transaction = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(PAUSE_LOCK)
@@ -278,20 +386,74 @@ impl FlowStore {
             .iter()
             .map(ToString::to_string)
             .collect();
+        let inject = request
+            .inject
+            .as_ref()
+            .map(|inject| serde_json::to_string(inject).unwrap_or_default());
         let row: PauseColumns = sqlx::query_as(&format!(
-            "INSERT INTO flow_pauses (id, filters, scope, reason, state, paused_by)
-             VALUES ($1, $2, $3, $4, 'paused', $5) RETURNING {PAUSE_COLUMNS}"
+            "INSERT INTO flow_pauses (id, filters, scope, reason, state, paused_by, inject)
+             VALUES ($1, $2, $3, $4, 'paused', $5, $6) RETURNING {PAUSE_COLUMNS}"
         ))
         .bind(new_id())
         .bind(&filters)
         .bind(request.scope.to_string())
         .bind(&request.reason)
         .bind(&request.by)
+        .bind(inject)
         .fetch_one(&mut *transaction)
         .await?;
         transaction.commit().await?;
         tracing::debug!(pause = row.id, filters = %request.filters, scope = %request.scope, "flow paused");
         Pause::from_columns(row).ok_or_else(|| FlowError::NotFound("just created".into()))
+    }
+
+    /// An injection reaches the gateway's streams only, and a named subscription must exist.
+    async fn check_injection(&self, scope: &Scope, inject: &Injection) -> Result<(), FlowError> {
+        FilterSet::parse(&inject.filters)?;
+        match scope {
+            Scope::Gateway => Ok(()),
+            Scope::Subscription(name) => {
+                let exists: Option<bool> = sqlx::query_scalar(
+                    "SELECT CASE WHEN to_regclass('gateway_subscriptions') IS NULL THEN false
+                     ELSE EXISTS (SELECT 1 FROM gateway_subscriptions WHERE name = $1) END",
+                )
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+                match exists {
+                    Some(true) => Ok(()),
+                    _ => Err(FlowError::NoSubscription(name.clone())),
+                }
+            }
+            Scope::Dispatch | Scope::All => Err(FlowError::BadScope(format!(
+                "scope {scope}: history injection is not supported there yet; it reaches the \
+                 gateway's streams: scope gateway or subscription:NAME"
+            ))),
+        }
+    }
+
+    /// History injection, one call: pauses the flow with `injection` (each gateway stream the
+    /// pause holds delivers it, marked replay, then the events held), and resumes it after
+    /// `window` (at least [`MIN_INJECT_WINDOW`]) in a task. The pause, paused.
+    pub async fn inject(
+        &self,
+        mut request: PauseRequest,
+        injection: Injection,
+        window: std::time::Duration,
+    ) -> Result<(Pause, tokio::task::JoinHandle<()>), FlowError> {
+        request.inject = Some(injection);
+        let by = request.by.clone();
+        let pause = self.pause(request).await?;
+        let store = self.clone();
+        let id = pause.id.clone();
+        let resume = tokio::spawn(async move {
+            tokio::time::sleep(window.max(MIN_INJECT_WINDOW)).await;
+            // Resumed by hand meanwhile: nothing to do (resume is idempotent).
+            if let Err(error) = store.resume(&id, &by).await {
+                tracing::warn!(%error, pause = id, "resuming an injection's pause failed: resume it with eventpipe flows resume");
+            }
+        });
+        Ok((pause, resume))
     }
 
     /// Asks the holders to release what `id` held (idempotent: a pause resuming or resumed

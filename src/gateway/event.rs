@@ -134,6 +134,20 @@ impl Event {
         }
     }
 
+    /// A stored event a pause's history injection delivers: its JSON says `"replay": true`.
+    pub fn injected(stored: &StoredEvent, topic: Arc<str>) -> Event {
+        let mut event = Event::from_stored(stored, topic);
+        event.replay = true;
+        let rest = event.json.strip_prefix('{').unwrap_or("}");
+        let separator = if rest.trim_start().starts_with('}') {
+            ""
+        } else {
+            ","
+        };
+        event.json = format!("{{\"replay\":true{separator}{rest}").into();
+        event
+    }
+
     /// The SSE event name: the action, or `message` (the browser default) when there is none;
     /// never a line break (it would end the field).
     pub fn event_name(&self) -> &str {

@@ -14,7 +14,7 @@ use super::auth::routes::AdminCaller;
 use super::auth::Authenticator;
 use super::http::ApiError;
 use crate::filter::FilterSet;
-use crate::flows::store::{FlowError, FlowStore, PauseRequest};
+use crate::flows::store::{FlowError, FlowStore, Injection, PauseRequest, MIN_INJECT_WINDOW};
 use crate::flows::Scope;
 
 #[derive(Clone)]
@@ -33,6 +33,7 @@ impl FromRef<FlowsState> for Authenticator {
 pub fn routes(auth: Authenticator, store: FlowStore) -> Router {
     Router::new()
         .route("/v1/admin/flows", get(list).post(pause))
+        .route("/v1/admin/flows/inject", post(inject))
         .route("/v1/admin/flows/{id}", get(show))
         .route("/v1/admin/flows/{id}/resume", post(resume))
         .with_state(FlowsState { auth, store })
@@ -44,6 +45,8 @@ impl From<FlowError> for ApiError {
         match error {
             FlowError::BadFilter(_) => ApiError::bad_request("bad_filter", message),
             FlowError::BadScope(_) => ApiError::bad_request("bad_scope", message),
+            FlowError::BadInjection(_) => ApiError::bad_request("bad_parameter", message),
+            FlowError::NoSubscription(_) => ApiError::not_found("unknown_subscription", message),
             FlowError::Conflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "conflicting_pause", message)
             }
@@ -122,8 +125,73 @@ async fn pause(
                     scope,
                     reason: body.reason,
                     by: principal.id.clone(),
+                    inject: None,
                 })
                 .await?;
+            Ok(accepted(pause.view(), &pause.id))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewInjection {
+    filters: Vec<String>,
+    scope: String,
+    #[serde(default)]
+    reason: String,
+    /// The store selection's filters (the pause's when none).
+    #[serde(default)]
+    store_filters: Vec<String>,
+    #[serde(default)]
+    last: Option<u64>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    /// How long the flow stays paused before it resumes by itself (`1s`, `5m`; at least 1s).
+    #[serde(default)]
+    resume_after: Option<String>,
+}
+
+/// History injection: 202 with the pause (paused, carrying the selection) and where to poll
+/// it; it resumes by itself after `resume_after`.
+async fn inject(
+    caller: Result<AdminCaller, ApiError>,
+    State(state): State<FlowsState>,
+    body: Result<Json<NewInjection>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    counted(
+        "inject",
+        async {
+            let AdminCaller(principal) = caller?;
+            let Json(body) = body
+                .map_err(|rejection| ApiError::bad_request("bad_request", rejection.body_text()))?;
+            let filters = FilterSet::parse(&body.filters).map_err(FlowError::from)?;
+            let scope = body.scope.parse::<Scope>().map_err(FlowError::BadScope)?;
+            let injection = Injection::parse(
+                &filters,
+                &body.store_filters,
+                body.last,
+                body.since.as_deref(),
+                body.until.as_deref(),
+                |field| field.replace('-', "_"),
+            )?;
+            let window = match body.resume_after.as_deref() {
+                None => MIN_INJECT_WINDOW,
+                Some(text) => crate::store::settings::parse_duration(text).map_err(|why| {
+                    FlowError::BadInjection(format!("resume_after: {text:?}: {why}"))
+                })?,
+            };
+            let request = PauseRequest {
+                filters,
+                scope,
+                reason: body.reason,
+                by: principal.id.clone(),
+                inject: None,
+            };
+            let (pause, _resume) = state.store.inject(request, injection, window).await?;
             Ok(accepted(pause.view(), &pause.id))
         }
         .await,

@@ -3,7 +3,8 @@
 //!
 //! Layout: `ingress` (POST events) → Kafka; Kafka → `kafka::run_reader` → `fanout::Hub` → one
 //! `session` per connection (catch-up, then live) → `sse` / `ws`; `auth` decides who may do what;
-//! `cursor` is the resumable position every frame carries; `console` is the operators' page.
+//! `cursor` is the resumable position every frame carries; `holds` is flow control in a stream
+//! (pauses, held events, history injection); `console` is the operators' page.
 
 pub mod auth;
 pub mod console;
@@ -12,6 +13,7 @@ pub mod event;
 pub mod fanout;
 pub mod flows;
 pub mod history;
+pub mod holds;
 pub mod http;
 pub mod ingress;
 pub mod kafka;
@@ -133,9 +135,11 @@ pub async fn start(
     let flows = crate::flows::FlowStore::on(pool.clone())
         .await
         .context("flow control")?;
-    crate::flows::watch::start(flows.clone(), shutdown.clone())
+    // One watcher per instance: every stream takes its pauses from it (`holds`).
+    let flow_watch = crate::flows::watch::start(flows.clone(), shutdown.clone())
         .await
         .context("flow control")?;
+    holds::describe();
     let (formats, registry) = crate::codec::shared(settings)?;
     let kafka_settings = settings.kafka.clone();
     let topics = gateway_settings.topics.clone();
@@ -178,6 +182,7 @@ pub async fn start(
         catch_ups: Arc::new(Semaphore::new(gateway_settings.max_catch_ups)),
         write_timeout: gateway_settings.write_timeout,
         live_margin: (gateway_settings.client_queue / 2).max(1) as u64,
+        flows: Some(holds::FlowContext::start(flow_watch, flows.clone())),
     });
     let listen = gateway_settings.listen;
     // Loaded before binding: a bad certificate is a start-up error naming the setting.

@@ -7,6 +7,10 @@
 //! `L` atomically with joining, reads the small rest `[cursor, L)` from Kafka, and from then on
 //! takes the live events, all of which are at or after `L`. An overflow during that last stretch
 //! only means the live traffic outran the catch-up: it goes round again.
+//!
+//! Flow control (`holds`): events a pause holds are not written, the cursor keeps them owed;
+//! when the pause is over the stream leaves the live feed, writes a pause's injected history
+//! first, re-reads what was held, and goes round the same catch-up-then-live loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +19,10 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::filter::FilterSet;
-use crate::gateway::cursor::{Cursor, Start};
+use crate::gateway::cursor::{Cursor, Injected, Start};
 use crate::gateway::event::Event;
 use crate::gateway::fanout::{Hub, LiveFeed};
+use crate::gateway::holds::{self, EventAt, FlowContext, StreamFlows, StreamPause};
 use crate::gateway::kafka::{CatchUp, KafkaSide, Range};
 use crate::store::history;
 
@@ -35,6 +40,8 @@ pub struct SessionContext {
     pub write_timeout: Duration,
     /// A backlog longer than this is caught up before the live feed is joined.
     pub live_margin: u64,
+    /// The instance's pause watcher (none: no flow control).
+    pub flows: Option<FlowContext>,
 }
 
 /// What a client asked for.
@@ -44,6 +51,8 @@ pub struct SessionRequest {
     /// Empty: every served topic.
     pub topics: Vec<String>,
     pub start: Start,
+    /// The durable subscription attached, if any (`subscription:NAME` pauses hold its events).
+    pub subscription: Option<String>,
 }
 
 /// What the transport writes, in order.
@@ -149,6 +158,8 @@ pub async fn resolve_start(
                     None => unknown.push(topic.to_string()),
                 }
             }
+            // What pauses held before the client went away is still owed.
+            cursor.take_flow_state(given);
             // A partition the cursor does not name (a topic added to the request, a partition
             // added to a topic): the client has seen nothing of it.
             if !unknown.is_empty() {
@@ -191,6 +202,7 @@ async fn drive(
     writer: &Writer,
 ) -> Result<Never, Ended> {
     let topics = &request.topics;
+    let mut flows = StreamFlows::new(context.flows.clone(), request.subscription.clone());
     // `now` joins the live feed first, so nothing between resolving and joining is missed.
     let mut early_feed = match request.start {
         Start::Now => Some(context.hub.register(request.filters.clone(), topics)),
@@ -208,18 +220,23 @@ async fn drive(
     for notice in notices {
         writer.send(notice).await?;
     }
+    refresh(&mut flows, &cursor).await?;
     loop {
+        if settle(context, request, &mut flows, &mut cursor, writer).await? {
+            // The live feed queued meanwhile: catch up from the cursor instead.
+            early_feed = None;
+        }
         let feed = match early_feed.take() {
             Some(feed) => feed,
             None => {
                 let target = context.hub.positions(topics);
                 if backlog(&cursor, &target) > context.live_margin {
-                    catch_up(context, request, &mut cursor, &target, writer).await?;
+                    catch_up(context, request, &mut flows, &mut cursor, &target, writer).await?;
                     continue;
                 }
                 let feed = context.hub.register(request.filters.clone(), topics);
                 let start = feed.start.clone();
-                catch_up(context, request, &mut cursor, &start, writer).await?;
+                catch_up(context, request, &mut flows, &mut cursor, &start, writer).await?;
                 if feed.was_slow() {
                     metrics::counter!("eventpipe_gateway_catch_up_restarts_total").increment(1);
                     continue;
@@ -227,8 +244,217 @@ async fn drive(
                 feed
             }
         };
-        return Err(live(feed, &mut cursor, writer).await);
+        live(feed, &mut cursor, &mut flows, writer).await?;
     }
+}
+
+/// Takes the current pauses; a pause the cursor names that cannot be looked up fails the
+/// stream (the client resumes from its cursor) rather than guess what it held.
+async fn refresh(flows: &mut StreamFlows, cursor: &Cursor) -> Result<(), Ended> {
+    flows.refresh(cursor).await.map_err(|error| {
+        tracing::warn!(%error, "reading a pause a stream's cursor names");
+        Ended::Failed
+    })
+}
+
+/// What the pauses ask of the stream before it reads on, in the order a subscriber sees it: a
+/// pause's injected history, then the events held by pauses that are over. Whether it did any.
+async fn settle(
+    context: &SessionContext,
+    request: &SessionRequest,
+    flows: &mut StreamFlows,
+    cursor: &mut Cursor,
+    writer: &Writer,
+) -> Result<bool, Ended> {
+    if flows.is_idle() || !flows.due(cursor) {
+        return Ok(false);
+    }
+    let pauses: Vec<StreamPause> = flows.pauses().to_vec();
+    for pause in &pauses {
+        let Some(injection) = &pause.inject else {
+            continue;
+        };
+        // Over before this stream began it: the stream never saw the pause hold.
+        let started = cursor.injected(&pause.id);
+        if started == Some(Injected::Done) || (!pause.holding && started.is_none()) {
+            continue;
+        }
+        inject(context, request, flows, cursor, pause, injection, writer).await?;
+    }
+    let due: Vec<Due> = cursor
+        .holds()
+        .filter_map(|(topic, partition, id, first)| {
+            let pause = pauses.iter().find(|p| p.id == id && !p.holding)?;
+            Some(Due {
+                topic: topic.to_string(),
+                partition,
+                pause: id.to_string(),
+                first,
+                filters: pause.filters.clone(),
+            })
+        })
+        .collect();
+    if !due.is_empty() {
+        release(context, request, flows, cursor, &due, writer).await?;
+    }
+    for pause in pauses.iter().filter(|p| !p.holding) {
+        cursor.set_injected(&pause.id, None);
+    }
+    refresh(flows, cursor).await?;
+    Ok(true)
+}
+
+/// What one pause that is over still owes on one partition: `[first, cursor)`.
+#[derive(Debug, Clone)]
+struct Due {
+    topic: String,
+    partition: i32,
+    pause: String,
+    first: i64,
+    filters: FilterSet,
+}
+
+/// Re-reads what `due` held and writes it, in partition order; then forgets those holds.
+async fn release(
+    context: &SessionContext,
+    request: &SessionRequest,
+    flows: &mut StreamFlows,
+    cursor: &mut Cursor,
+    due: &[Due],
+    writer: &Writer,
+) -> Result<(), Ended> {
+    let mut ranges: Vec<Range> = Vec::new();
+    for owed in due {
+        let Some(until) = cursor.get(&owed.topic, owed.partition) else {
+            continue;
+        };
+        match ranges
+            .iter_mut()
+            .find(|r| r.topic == owed.topic && r.partition == owed.partition)
+        {
+            Some(range) => range.from = range.from.min(owed.first),
+            None => ranges.push(Range {
+                topic: owed.topic.clone(),
+                partition: owed.partition,
+                from: owed.first,
+                until,
+            }),
+        }
+    }
+    read(
+        context,
+        request,
+        flows,
+        &Pass::Release(due),
+        ranges,
+        cursor,
+        writer,
+    )
+    .await?;
+    for owed in due {
+        cursor.set_held_from(&owed.topic, owed.partition, &owed.pause, None);
+    }
+    Ok(())
+}
+
+/// Writes a pause's history injection: the store's selection, narrowed to what this stream
+/// selects, marked replay, resumed after the last one written if the stream began it before.
+/// What the stream has not read yet (at or past its cursor) or a pause holds is left out: it
+/// comes live or with its release, so nothing comes twice.
+async fn inject(
+    context: &SessionContext,
+    request: &SessionRequest,
+    flows: &StreamFlows,
+    cursor: &mut Cursor,
+    pause: &StreamPause,
+    injection: &crate::flows::store::Injection,
+    writer: &Writer,
+) -> Result<(), Ended> {
+    let skipped = |why: String| Outgoing::Notice {
+        kind: "replay_skipped",
+        message: format!("the history of pause {} is not delivered: {why}", pause.id),
+    };
+    let Some(store) = &context.store else {
+        cursor.set_injected(&pause.id, Some(Injected::Done));
+        return writer
+            .send(skipped("this gateway has no event store".into()))
+            .await;
+    };
+    let mut selection = match injection.selection() {
+        Ok(selection) => selection,
+        Err(error) => {
+            cursor.set_injected(&pause.id, Some(Injected::Done));
+            return writer.send(skipped(error.to_string())).await;
+        }
+    };
+    selection.topics = request.topics.clone();
+    if let Some(Injected::UpTo(seq)) = cursor.injected(&pause.id) {
+        // The rest of what the first attempt selected: everything after its last one.
+        selection.after_seq = Some(seq);
+        selection.last = None;
+    }
+    let bound = cursor.clone();
+    let mut reader =
+        match history::History::open(store.clone(), &selection, STORE_CHUNK as u64).await {
+            Ok(reader) => reader,
+            Err(error) if no_events_table(&error) => {
+                cursor.set_injected(&pause.id, Some(Injected::Done));
+                return writer
+                    .send(skipped(
+                        "there is no event store (run eventpipe store)".into(),
+                    ))
+                    .await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "injecting history: reading the event store");
+                return Err(Ended::Failed);
+            }
+        };
+    let injected = metrics::counter!(holds::INJECTED, "pause" => pause.id.clone());
+    let mut wrote = false;
+    loop {
+        let chunk = match reader.next_chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(error) => {
+                tracing::warn!(%error, "injecting history: reading the event store");
+                return Err(Ended::Failed);
+            }
+        };
+        for stored in &chunk {
+            let Some(topic) = context.side.topic(&stored.topic).cloned() else {
+                continue;
+            };
+            let read_live = bound
+                .get(&stored.topic, stored.partition)
+                .is_none_or(|next| stored.offset >= next);
+            if read_live
+                || !request.filters.matches(&stored.service, &stored.action)
+                || flows.owed(cursor, EventAt::stored(stored)).is_some()
+            {
+                continue;
+            }
+            cursor.set_injected(&pause.id, Some(Injected::UpTo(stored.seq)));
+            wrote = true;
+            injected.increment(1);
+            writer
+                .send(Outgoing::Event {
+                    event: Arc::new(Event::injected(stored, topic)),
+                    id: cursor.encode(),
+                })
+                .await?;
+        }
+    }
+    cursor.set_injected(&pause.id, Some(Injected::Done));
+    if wrote || pause.holding {
+        // The stored position of a durable subscription learns it is done.
+        writer
+            .send(Outgoing::Position {
+                id: cursor.encode(),
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// Where a cursor stands in a partition it does not name: one added to a topic after the stream
@@ -248,10 +474,72 @@ fn backlog(cursor: &Cursor, target: &Cursor) -> u64 {
         .sum()
 }
 
+/// How a read of offset ranges treats each event.
+enum Pass<'a> {
+    /// Read for the first time, past the cursor (which moves): what a pause holds is held.
+    Forward,
+    /// Re-read below the cursor after pauses are over: only what they held goes out.
+    Release(&'a [Due]),
+}
+
+impl Pass<'_> {
+    /// Whether an event goes out; moves the cursor (or the hold it is released from) past it.
+    fn take(
+        &self,
+        request: &SessionRequest,
+        flows: &StreamFlows,
+        cursor: &mut Cursor,
+        at: EventAt<'_>,
+    ) -> bool {
+        let EventAt {
+            topic,
+            partition,
+            offset,
+            service,
+            action,
+        } = at;
+        match self {
+            Pass::Forward => {
+                cursor.advance(topic, partition, offset);
+                request.filters.matches(service, action)
+                    && (flows.is_idle() || !flows.hold(cursor, at))
+            }
+            Pass::Release(due) => {
+                let owed = due.iter().find(|d| {
+                    d.topic == topic
+                        && d.partition == partition
+                        && d.first <= offset
+                        && d.filters.matches(service, action)
+                });
+                // A pause made since with the same filters may hold it now: it stays held.
+                let held_again = || {
+                    flows.pauses().iter().any(|q| {
+                        q.holding
+                            && q.filters.matches(service, action)
+                            && cursor
+                                .held_from(topic, partition, &q.id)
+                                .is_some_and(|first| first <= offset)
+                    })
+                };
+                match owed {
+                    Some(owed) if request.filters.matches(service, action) && !held_again() => {
+                        cursor.set_held_from(topic, partition, &owed.pause, Some(offset + 1));
+                        metrics::counter!(holds::RELEASED, "pause" => owed.pause.clone())
+                            .increment(1);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
 /// Writes every selected event in `[cursor, target)` and moves `cursor` to `target`.
 async fn catch_up(
     context: &SessionContext,
     request: &SessionRequest,
+    flows: &mut StreamFlows,
     cursor: &mut Cursor,
     target: &Cursor,
     writer: &Writer,
@@ -273,12 +561,49 @@ async fn catch_up(
     if ranges.is_empty() {
         return Ok(());
     }
+    let before = cursor.encode();
+    let wrote_event = read(
+        context,
+        request,
+        flows,
+        &Pass::Forward,
+        ranges,
+        cursor,
+        writer,
+    )
+    .await?;
+    for (topic, partition, until) in target.iter() {
+        if cursor.get(topic, partition).is_none_or(|at| at < until) {
+            cursor.set(topic, partition, until);
+        }
+    }
+    let after = cursor.encode();
+    if after != before && !wrote_event {
+        writer.send(Outgoing::Position { id: after }).await?;
+    }
+    Ok(())
+}
+
+/// Reads `ranges` (from the store what Kafka no longer holds, then from Kafka) and writes what
+/// `pass` takes; whether it wrote an event.
+async fn read(
+    context: &SessionContext,
+    request: &SessionRequest,
+    flows: &mut StreamFlows,
+    pass: &Pass<'_>,
+    mut ranges: Vec<Range>,
+    cursor: &mut Cursor,
+    writer: &Writer,
+) -> Result<bool, Ended> {
+    ranges.retain(|r| r.from < r.until);
+    if ranges.is_empty() {
+        return Ok(false);
+    }
     let _permit = context
         .catch_ups
         .acquire()
         .await
         .map_err(|_| Ended::Failed)?;
-    let before = cursor.encode();
     let mut wrote_event = false;
     // What Kafka no longer holds comes from the store first, partition by partition.
     for range in &mut ranges {
@@ -292,8 +617,17 @@ async fn catch_up(
             })?;
         if range.from < low {
             let stored_until = low.min(range.until);
-            wrote_event |=
-                from_store(context, request, range, stored_until, cursor, writer).await?;
+            wrote_event |= from_store(
+                context,
+                request,
+                flows,
+                pass,
+                range,
+                stored_until,
+                cursor,
+                writer,
+            )
+            .await?;
             range.from = stored_until;
         }
     }
@@ -304,8 +638,10 @@ async fn catch_up(
     })?;
     if let Some(mut catch_up) = catch_up {
         while let Some(event) = catch_up.next().await {
-            cursor.advance(&event.topic, event.partition, event.offset);
-            if request.filters.matches(&event.service, &event.action) {
+            if flows.changed() {
+                refresh(flows, cursor).await?;
+            }
+            if pass.take(request, flows, cursor, EventAt::of(&event)) {
                 wrote_event = true;
                 writer
                     .send(Outgoing::Event {
@@ -316,27 +652,22 @@ async fn catch_up(
             }
         }
     }
-    for (topic, partition, until) in target.iter() {
-        if cursor.get(topic, partition).is_none_or(|at| at < until) {
-            cursor.set(topic, partition, until);
-        }
-    }
-    let after = cursor.encode();
-    if after != before && !wrote_event {
-        writer.send(Outgoing::Position { id: after }).await?;
-    }
-    Ok(())
+    Ok(wrote_event)
 }
 
 /// `[range.from, until)` of one partition from the event store; whether an event was written.
+#[allow(clippy::too_many_arguments)]
 async fn from_store(
     context: &SessionContext,
     request: &SessionRequest,
+    flows: &StreamFlows,
+    pass: &Pass<'_>,
     range: &Range,
     until: i64,
     cursor: &mut Cursor,
     writer: &Writer,
 ) -> Result<bool, Ended> {
+    let forward = matches!(pass, Pass::Forward);
     let Some(store) = &context.store else {
         writer
             .send(Outgoing::Notice {
@@ -347,7 +678,9 @@ async fn from_store(
                 ),
             })
             .await?;
-        cursor.set(&range.topic, range.partition, until);
+        if forward {
+            cursor.set(&range.topic, range.partition, until);
+        }
         return Ok(false);
     };
     let Some(topic) = context.side.topic(&range.topic).cloned() else {
@@ -390,8 +723,7 @@ async fn from_store(
         };
         from = last.offset + 1;
         for stored in &chunk {
-            cursor.advance(&range.topic, range.partition, stored.offset);
-            if request.filters.matches(&stored.service, &stored.action) {
+            if pass.take(request, flows, cursor, EventAt::stored(stored)) {
                 wrote = true;
                 writer
                     .send(Outgoing::Event {
@@ -405,7 +737,9 @@ async fn from_store(
             break;
         }
     }
-    cursor.set(&range.topic, range.partition, until);
+    if forward {
+        cursor.set(&range.topic, range.partition, until);
+    }
     Ok(wrote)
 }
 
@@ -419,16 +753,47 @@ fn no_events_table(error: &history::HistoryError) -> bool {
     }
 }
 
-/// Live events until the feed ends, taken from the feed as many at a time as are waiting.
-async fn live(mut feed: LiveFeed, cursor: &mut Cursor, writer: &Writer) -> Ended {
+/// Live events, taken from the feed as many at a time as are waiting, until the feed ends
+/// (`Err`) or the pauses ask the stream to leave it (`Ok`: an injection to write, or held events
+/// to release first).
+async fn live(
+    mut feed: LiveFeed,
+    cursor: &mut Cursor,
+    flows: &mut StreamFlows,
+    writer: &Writer,
+) -> Result<(), Ended> {
+    // Something may have come due while the stream caught up (its look at the pauses then
+    // consumed the change the watch would wake it for).
+    if !flows.is_idle() && flows.due(cursor) {
+        return Ok(());
+    }
     let mut batch = Vec::with_capacity(LIVE_BATCH);
     loop {
-        if feed.receiver.recv_many(&mut batch, LIVE_BATCH).await == 0 {
-            return if feed.was_slow() {
+        let received = tokio::select! {
+            // Events first: while they are waiting, the watch is not even polled (a pause is
+            // taken at the next batch either way; the watch wakes an idle stream for a resume
+            // or an injection).
+            biased;
+            received = feed.receiver.recv_many(&mut batch, LIVE_BATCH) => received,
+            () = flows.wait_changed() => {
+                refresh(flows, cursor).await?;
+                if flows.due(cursor) {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if received == 0 {
+            return Err(if feed.was_slow() {
                 Ended::Slow
             } else {
                 Ended::Failed
-            };
+            });
+        }
+        // Under steady traffic the watch branch is never polled: look here (an atomic load).
+        let refreshed = flows.changed();
+        if refreshed {
+            refresh(flows, cursor).await?;
         }
         for event in batch.drain(..) {
             if cursor
@@ -438,10 +803,15 @@ async fn live(mut feed: LiveFeed, cursor: &mut Cursor, writer: &Writer) -> Ended
                 continue;
             }
             cursor.advance(&event.topic, event.partition, event.offset);
-            let id = cursor.encode();
-            if let Err(ended) = writer.send(Outgoing::Event { event, id }).await {
-                return ended;
+            // No pause touches the stream: one branch per event.
+            if !flows.is_idle() && flows.hold(cursor, EventAt::of(&event)) {
+                continue;
             }
+            let id = cursor.encode();
+            writer.send(Outgoing::Event { event, id }).await?;
+        }
+        if refreshed && flows.due(cursor) {
+            return Ok(());
         }
     }
 }

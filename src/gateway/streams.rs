@@ -152,6 +152,7 @@ pub async fn authorize(
             filters,
             topics: query.topics.clone(),
             start,
+            subscription: None,
         },
     ))
 }

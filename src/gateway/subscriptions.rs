@@ -273,6 +273,7 @@ async fn put(
         filters,
         topics: spec.topics.clone(),
         start,
+        subscription: None,
     };
     let (position, _) = resolve_start(&gateway.sessions, &request)
         .await
@@ -366,6 +367,7 @@ async fn attachment(
             filters,
             topics: row.topics,
             start,
+            subscription: Some(name.to_string()),
         },
         Attachment {
             name: name.to_string(),

@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite;
 
-use super::{wait_until, StageProcess};
+use super::{unique, wait_until, StageProcess};
 
 /// The admin credential every test gateway starts with.
 pub const ADMIN: &str = "test-admin-token-0123456789";
@@ -455,4 +455,49 @@ pub fn envelope(service: &str, action: &str, user: u64, n: u64) -> String {
         "payload": {"message": format!("event {n}"), "timestamp": "2026-12-01T09:00:00", "data": {"user_id": user, "n": n}}
     })
     .to_string()
+}
+
+/// Runs `eventpipe store` over `topics` into `database` until its events table holds `count`
+/// rows; the stage keeps running while the returned process lives.
+pub async fn store_until_it_holds(topics: &[String], database: &str, count: i64) -> StageProcess {
+    let store = StageProcess::start(
+        &[
+            "store",
+            "--topics",
+            &topics.join(","),
+            "--postgres-url",
+            database,
+            "--group-id",
+            &unique("gw-store"),
+        ],
+        &[],
+    );
+    let pool = sqlx::PgPool::connect(database).await.unwrap();
+    wait_until(Duration::from_secs(60), "the stored events", async || {
+        let stored: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&pool)
+            .await;
+        match stored {
+            Ok(n) if n == count => Ok(()),
+            other => Err(format!("{other:?} of {count}")),
+        }
+    })
+    .await;
+    store
+}
+
+/// Waits until the subscription at `path` has no client attached.
+pub async fn wait_until_sleeping(gateway: &Api, path: &str, key: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        "the subscription to sleep",
+        async || {
+            let (_, answer) = gateway.call(reqwest::Method::GET, path, None, key).await;
+            match answer["state"].as_str() {
+                Some("sleeping") => Ok(()),
+                _ => Err(answer.to_string()),
+            }
+        },
+    )
+    .await;
 }
