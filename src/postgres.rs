@@ -123,3 +123,30 @@ impl<'a> WriteRetry<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every stage's migrator shares one `_sqlx_migrations` table and ignores the others'
+    /// versions: two directories using one version would make one of them fail its checksum.
+    #[test]
+    fn migration_versions_are_unique_across_every_directory() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut seen = std::collections::HashMap::new();
+        for directory in std::fs::read_dir(&root).unwrap() {
+            let directory = directory.unwrap().path();
+            for file in std::fs::read_dir(&directory).unwrap() {
+                let file = file.unwrap().path();
+                let name = file.file_name().unwrap().to_string_lossy().into_owned();
+                let version = name.split('_').next().unwrap().to_string();
+                if let Some(other) = seen.insert(version.clone(), file.clone()) {
+                    panic!(
+                        "version {version}: {} and {}",
+                        other.display(),
+                        file.display()
+                    );
+                }
+            }
+        }
+        assert!(seen.len() >= 7, "{seen:?}");
+    }
+}
