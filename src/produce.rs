@@ -108,7 +108,12 @@ pub fn key_in_json(json: &str, pointer: &str) -> Option<String> {
     let mut current: &RawValue = serde_json::from_str(json).ok()?;
     if !pointer.is_empty() {
         for segment in pointer.strip_prefix('/')?.split('/') {
-            let segment = segment.replace("~1", "/").replace("~0", "~");
+            // Unescaped only when it holds an escape: no allocation per line for `/user_id`.
+            let segment: std::borrow::Cow<str> = if segment.contains('~') {
+                segment.replace("~1", "/").replace("~0", "~").into()
+            } else {
+                segment.into()
+            };
             let mut deserializer = serde_json::Deserializer::from_str(current.get());
             current = deserializer
                 .deserialize_any(Child { segment: &segment })

@@ -196,7 +196,7 @@ async fn accept(
                 )
             });
         };
-        let mut batch = ingress.producer.batch(encoded.len());
+        let mut batch = ingress.producer.batch();
         for (_, prepared) in &encoded {
             let record_headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {

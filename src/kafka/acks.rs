@@ -75,17 +75,15 @@ impl AckingProducer {
         Ok(AckingProducer { producer })
     }
 
-    /// A batch of `len` records: send each with [`AckBatch::send`], then [`AckBatch::acks`].
-    pub fn batch(&self, len: usize) -> AckBatch<'_> {
+    /// A batch: send each record with [`AckBatch::send`], then wait with [`AckBatch::acks`].
+    pub fn batch(&self) -> AckBatch<'_> {
         AckBatch {
             producer: &self.producer,
             batch: Arc::new(Batch {
-                slots: Mutex::new(vec![None; len]),
-                outstanding: AtomicUsize::new(len),
+                slots: Mutex::new(Vec::new()),
+                outstanding: AtomicUsize::new(0),
                 done: Notify::new(),
             }),
-            next: 0,
-            len,
         }
     }
 }
@@ -94,8 +92,6 @@ impl AckingProducer {
 pub struct AckBatch<'p> {
     producer: &'p ThreadedProducer<AckContext>,
     batch: Arc<Batch>,
-    next: usize,
-    len: usize,
 }
 
 impl AckBatch<'_> {
@@ -109,8 +105,13 @@ impl AckBatch<'_> {
         headers: OwnedHeaders,
         queue_timeout: Duration,
     ) {
-        let index = self.next;
-        self.next += 1;
+        // The slot exists and is counted before librdkafka can report on it.
+        let index = {
+            let mut slots = self.batch.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.push(None);
+            slots.len() - 1
+        };
+        self.batch.outstanding.fetch_add(1, Ordering::AcqRel);
         let slot = Box::new(Slot {
             batch: self.batch.clone(),
             index,
@@ -139,15 +140,9 @@ impl AckBatch<'_> {
         }
     }
 
-    /// Waits for every report; the acknowledgements in the order the records were sent (a
-    /// record of the batch's length never sent is a failure).
+    /// Waits for every report; the acknowledgements in the order the records were sent.
     pub async fn acks(self) -> Vec<Ack> {
-        for index in self.next..self.len {
-            self.batch.settle(
-                index,
-                Err(RdKafkaError::MessageProduction(RDKafkaErrorCode::Fail)),
-            );
-        }
+        // The count may have touched zero between two sends (a stale permit): re-checked.
         while self.batch.outstanding.load(Ordering::Acquire) > 0 {
             self.batch.done.notified().await;
         }
